@@ -1,0 +1,1 @@
+"""meshlet's data plane: the sidecar / gateway proxy."""

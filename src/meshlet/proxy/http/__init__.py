@@ -1,0 +1,1 @@
+"""meshlet.proxy.http."""

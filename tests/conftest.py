@@ -1,0 +1,1 @@
+"""Shared fixtures: ports on loopback, certificates, and cleanup of child processes."""
