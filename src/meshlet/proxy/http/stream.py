@@ -94,6 +94,7 @@ class BodyStream:
         "_reader_waiter",
         "_writer_waiter",
         "high_water",
+        "on_consumed",
         "on_pressure",
         "received",
         "trailers",
@@ -103,9 +104,13 @@ class BodyStream:
         self,
         high_water: int = 256 * 1024,
         on_pressure: Callable[[bool], None] | None = None,
+        on_consumed: Callable[[int], None] | None = None,
     ) -> None:
         self.high_water = high_water
         self.on_pressure = on_pressure
+        # Called with the size of every chunk the reader takes: HTTP/2 codecs
+        # acknowledge received data (WINDOW_UPDATE) only as it is consumed.
+        self.on_consumed = on_consumed
         self.trailers: Headers | None = None
         self.received = 0  # total body bytes fed, for stats and retries
         self._chunks: deque[bytes] = deque()
@@ -214,6 +219,8 @@ class BodyStream:
 
     def _take(self, data: bytes) -> bytes:
         self._buffered -= len(data)
+        if self.on_consumed is not None:
+            self.on_consumed(len(data))
         if self._buffered < self.high_water:
             self._wake_writer()
         if self._pressured and self._buffered <= self.high_water // 2:
