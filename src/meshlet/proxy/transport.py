@@ -67,11 +67,14 @@ class ConnectionInfo:
 
 class HandshakeError(Exception):
     """The transport socket's handshake failed. ``alert`` is the TLS alert
-    description (e.g. "certificate_unknown") when one applies."""
+    description (e.g. "certificate_unknown") when one applies. ``stat`` is the
+    Envoy ``ssl.*`` counter the failure counts under ("fail_verify_san",
+    "fail_verify_no_cert", "fail_verify_error"); empty means "connection_error"."""
 
-    def __init__(self, message: str, *, alert: str = "", local: bool = True) -> None:
+    def __init__(self, message: str, *, alert: str = "", local: bool = True, stat: str = "") -> None:
         self.alert = alert
         self.local = local
+        self.stat = stat
         super().__init__(message)
 
 
