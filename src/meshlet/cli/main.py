@@ -1,0 +1,47 @@
+"""The ``meshlet`` command: ``meshlet --help`` lists what it can do.
+
+Every subcommand lives in its own module and is imported on use (see
+``LazyGroup``); failures become one line on stderr with exit code 2 for
+anything the user can fix (see ``meshlet.cli.errors``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import click
+
+from meshlet import __version__
+from meshlet.cli.errors import run_command
+from meshlet.cli.lazy import LazyCommand, LazyGroup
+
+COMMANDS: dict[str, LazyCommand] = {
+    "version": LazyCommand("meshlet.cli.version:version", "Show the meshlet version and its components."),
+    "proxy": LazyCommand("meshlet.cli.proxy:proxy", "Run the proxy on an Envoy v3 bootstrap file."),
+    "demo": LazyCommand("meshlet.cli.demo:demo", "Run the sample app behind the proxy and show it working."),
+    "bench": LazyCommand("meshlet.cli.bench:bench", "Run a benchmark experiment (meshlet bench --help)."),
+}
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy_commands=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, "--version", prog_name="meshlet", message="%(prog)s %(version)s")
+def cli() -> None:
+    """meshlet: a service mesh you can read.
+
+    A sidecar/gateway proxy configured with Envoy v3 YAML, a TLS 1.3 engine
+    with pluggable private-key providers, mesh identity and an xDS control
+    plane.
+    """
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run_command(cli, argv))
+
+
+if __name__ == "__main__":
+    main()
