@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from h2.config import H2Configuration
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -217,7 +218,10 @@ class H2ServerProtocol(H2Endpoint):
         try:
             events = self._conn.receive_data(data)
         except ProtocolError as exc:
-            # h2 has queued a GOAWAY carrying the error's code.
+            # h2 queues a GOAWAY carrying the error's code, except for a bad
+            # connection preface, which it rejects before any frame state.
+            if self._conn.state_machine.state != ConnectionState.CLOSED:
+                self._conn.send_goaway(0, int(exc.error_code))
             self._abort_connection(exc.error_code, str(exc))
             return
         try:

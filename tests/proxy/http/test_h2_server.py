@@ -1,0 +1,574 @@
+"""HTTP/2 server codec over loopback, driven by independent clients (nghttp,
+h2load, curl, grpcio) and by raw frames for the error paths."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from hyperframe.frame import GoAwayFrame, RstStreamFrame, SettingsFrame
+
+from meshlet.proxy.http.h2_server import H2ServerProtocol
+from meshlet.proxy.http.stream import CodecSettings, DownstreamStream, ResponseHead, StreamReset
+from meshlet.proxy.transport import ConnectionInfo
+
+Handler = Callable[[DownstreamStream], Awaitable[None]]
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@dataclass
+class Server:
+    port: int
+    protocols: list[H2ServerProtocol] = field(default_factory=list)
+    local_replies: list[int] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def serve(handler: Handler, settings: CodecSettings | None = None) -> AsyncIterator[Server]:
+    loop = asyncio.get_running_loop()
+    state = Server(port=0)
+    codec = replace(
+        settings or CodecSettings(), on_local_reply=lambda status, _: state.local_replies.append(status)
+    )
+
+    def factory() -> H2ServerProtocol:
+        proto = H2ServerProtocol(
+            handler, ConnectionInfo(peer=("127.0.0.1", 0), local=("127.0.0.1", 0)), codec
+        )
+        state.protocols.append(proto)
+        return proto
+
+    server = await loop.create_server(factory, "127.0.0.1", 0)
+    state.port = server.sockets[0].getsockname()[1]
+    try:
+        yield state
+    finally:
+        server.close()
+        for proto in state.protocols:
+            proto.close()
+        await server.wait_closed()
+
+
+async def run(*argv: str, timeout: float = 8.0, stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+# -- handlers ------------------------------------------------------------------ #
+
+
+async def hello(stream: DownstreamStream) -> None:
+    await stream.body.read_all(1 << 20)
+    text = f"hello {stream.head.method} {stream.head.path} {stream.head.authority}\n".encode()
+    await stream.send_head(
+        ResponseHead(200, [("content-type", "text/plain"), ("content-length", str(len(text)))])
+    )
+    await stream.send_data(text, end_stream=True)
+
+
+def grpc_frame(message: bytes) -> bytes:
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+def grpc_messages(data: bytes) -> list[bytes]:
+    out = []
+    while data:
+        (size,) = struct.unpack(">I", data[1:5])
+        out.append(data[5 : 5 + size])
+        data = data[5 + size :]
+    return out
+
+
+async def grpc_service(stream: DownstreamStream) -> None:
+    """/t.S/Echo echoes; /t.S/Count streams N messages; /t.S/Missing is trailers-only NOT_FOUND."""
+    request = grpc_messages(await stream.body.read_all(1 << 20))
+    method = stream.head.path
+    if method == "/t.S/Missing":
+        await stream.send_head(
+            ResponseHead(
+                200, [("content-type", "application/grpc"), ("grpc-status", "5"), ("grpc-message", "nope")]
+            ),
+            end_stream=True,
+        )
+        return
+    await stream.send_head(ResponseHead(200, [("content-type", "application/grpc")]))
+    if method == "/t.S/Echo":
+        await stream.send_data(grpc_frame(request[0]))
+    else:
+        for i in range(int(request[0])):
+            await stream.send_data(grpc_frame(b"msg-%d" % i))
+    await stream.send_trailers([("grpc-status", "0")])
+
+
+# -- independent clients -------------------------------------------------------- #
+
+
+@pytest.mark.interop
+async def test_curl_prior_knowledge_get_and_post() -> None:
+    async with serve(hello) as srv:
+        url = f"http://127.0.0.1:{srv.port}/a/b?c=d"
+        rc, out, err = await run("curl", "-sS", "--http2-prior-knowledge", url)
+        assert rc == 0, err
+        assert out == f"hello GET /a/b?c=d 127.0.0.1:{srv.port}\n".encode()
+        rc, out, err = await run(
+            "curl", "-sS", "--http2-prior-knowledge", "--data-binary", "@-", url, stdin=b"x" * 100_000
+        )
+        assert rc == 0, err
+        assert out.startswith(b"hello POST /a/b?c=d")
+
+
+@pytest.mark.interop
+async def test_nghttp_verbose_exchange() -> None:
+    async with serve(hello) as srv:
+        rc, out, err = await run("nghttp", "-v", "--no-dep", f"http://127.0.0.1:{srv.port}/x")
+        assert rc == 0, err
+        text = out.decode()
+        assert "hello GET /x" in text
+        assert ":status: 200" in text
+        assert "SETTINGS_INITIAL_WINDOW_SIZE" in text
+
+
+@pytest.mark.interop
+async def test_h2load_many_multiplexed_requests() -> None:
+    async with serve(hello) as srv:
+        rc, out, err = await run(
+            "h2load", "-n", "1000", "-c", "4", "-m", "10", f"http://127.0.0.1:{srv.port}/", timeout=30
+        )
+        assert rc == 0, err
+        text = out.decode()
+        assert "1000 succeeded, 0 failed, 0 errored" in text, text
+        assert "status codes: 1000 2xx" in text, text
+
+
+@pytest.mark.interop
+async def test_grpcio_unary_streaming_and_trailers_only() -> None:
+    async with serve(grpc_service) as srv:
+
+        def call() -> tuple[bytes, list[bytes], grpc.StatusCode]:
+            with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+                echo = channel.unary_unary("/t.S/Echo")(b"ping", timeout=5)
+                count = list(channel.unary_stream("/t.S/Count")(b"5", timeout=5))
+                try:
+                    channel.unary_unary("/t.S/Missing")(b"", timeout=5)
+                except grpc.RpcError as exc:
+                    return echo, count, exc.code()
+                raise AssertionError("trailers-only NOT_FOUND was not surfaced")
+
+        echo, count, missing = await asyncio.to_thread(call)
+        assert echo == b"ping"
+        assert count == [b"msg-%d" % i for i in range(5)]
+        assert missing == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.interop
+async def test_large_upload_to_slow_reader_is_bounded_by_flow_control() -> None:
+    window = 256 * 1024
+    settings = CodecSettings(initial_stream_window_size=window, initial_connection_window_size=window)
+    peak = 0
+    total = 0
+
+    async def slow_reader(stream: DownstreamStream) -> None:
+        nonlocal peak, total
+        while chunk := await stream.body.read():
+            total += len(chunk)
+            peak = max(peak, stream.body.buffered + len(chunk))
+            await asyncio.sleep(0.0005)
+        await stream.send_head(ResponseHead(200, [("content-length", "2")]))
+        await stream.send_data(b"ok", end_stream=True)
+
+    async with serve(slow_reader, settings) as srv:
+        rc, out, err = await run(
+            "curl",
+            "-sS",
+            "--http2-prior-knowledge",
+            "--data-binary",
+            "@-",
+            f"http://127.0.0.1:{srv.port}/up",
+            stdin=b"u" * (20 * 1024 * 1024),
+            timeout=30,
+        )
+        assert rc == 0, err
+        assert out == b"ok"
+    assert total == 20 * 1024 * 1024
+    assert peak <= window
+
+
+@pytest.mark.interop
+async def test_large_download_to_slow_client_waits_for_window() -> None:
+    size = 20 * 1024 * 1024
+    peak_write_buffer = 0
+
+    async def big(stream: DownstreamStream) -> None:
+        nonlocal peak_write_buffer
+        await stream.send_head(ResponseHead(200, [("content-length", str(size))]))
+        chunk = b"d" * 65536
+        proto = srv.protocols[0]
+        for i in range(size // len(chunk)):
+            await stream.send_data(chunk, end_stream=i == size // len(chunk) - 1)
+            assert proto._transport is not None
+            peak_write_buffer = max(peak_write_buffer, proto._transport.get_write_buffer_size())
+
+    async with serve(big) as srv:
+        # The rate limit keeps the client slower than the server.
+        rc, out, err = await run(
+            "curl",
+            "-sS",
+            "--http2-prior-knowledge",
+            "--limit-rate",
+            "40M",
+            f"http://127.0.0.1:{srv.port}/down",
+            timeout=30,
+        )
+        assert rc == 0, err
+        assert len(out) == size
+    assert peak_write_buffer <= 1024 * 1024
+
+
+# -- raw clients for the protocol edges ------------------------------------------ #
+
+
+class RawClient:
+    """A blocking h2 client on a real socket (used from a thread)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.sock.sendall(self.conn.data_to_send())
+
+    def send(self) -> None:
+        self.sock.sendall(self.conn.data_to_send())
+
+    def events(self) -> list[h2.events.Event]:
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise EOFError
+        out = self.conn.receive_data(data)
+        self.send()
+        return out
+
+    def request(
+        self, sid: int, path: str = "/", end: bool = True, extra: list[tuple[str, str]] | None = None
+    ) -> None:
+        headers = [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", "t"),
+            (":path", path),
+            *(extra or []),
+        ]
+        self.conn.send_headers(sid, headers, end_stream=end)
+
+    def until(self, pred: Callable[[h2.events.Event], bool]) -> list[h2.events.Event]:
+        seen: list[h2.events.Event] = []
+        while not any(pred(e) for e in seen):
+            seen.extend(self.events())
+        return seen
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def read_frames_until_close(sock: socket.socket) -> bytes:
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def goaway_code(data: bytes) -> int | None:
+    """The error code of the first GOAWAY frame in a server byte stream."""
+    pos = 0
+    while pos + 9 <= len(data):
+        length = int.from_bytes(data[pos : pos + 3], "big")
+        ftype = data[pos + 3]
+        if ftype == GoAwayFrame.type:
+            return int.from_bytes(data[pos + 13 : pos + 17], "big")
+        pos += 9 + length
+    return None
+
+
+async def test_client_reset_aborts_body_and_later_sends_raise() -> None:
+    seen: asyncio.Queue[BaseException] = asyncio.Queue()
+
+    async def waits_for_body(stream: DownstreamStream) -> None:
+        try:
+            await stream.body.read_all(1 << 20)
+        except StreamReset as exc:
+            await seen.put(exc)
+        try:
+            await stream.send_head(ResponseHead(200))
+        except StreamReset as exc:
+            await seen.put(exc)
+
+    async with serve(waits_for_body) as srv:
+
+        def client() -> None:
+            c = RawClient(srv.port)
+            c.request(1, end=False)
+            c.send()
+            c.conn.reset_stream(1, 0x8)  # CANCEL
+            c.send()
+            c.close()
+
+        await asyncio.to_thread(client)
+        first = await asyncio.wait_for(seen.get(), 5)
+        second = await asyncio.wait_for(seen.get(), 5)
+    assert isinstance(first, StreamReset) and first.code == "CANCEL"
+    assert isinstance(second, StreamReset) and second.code == "CANCEL"
+
+
+async def test_streams_beyond_max_concurrent_are_refused() -> None:
+    release = asyncio.Event()
+
+    async def parked(stream: DownstreamStream) -> None:
+        await release.wait()
+        await stream.send_head(ResponseHead(204), end_stream=True)
+
+    async with serve(parked, CodecSettings(max_concurrent_streams=2)) as srv:
+
+        def client() -> list[h2.events.Event]:
+            c = RawClient(srv.port)
+            # Sent before the server's SETTINGS arrive, as a racing client would.
+            for sid in (1, 3, 5):
+                c.request(sid)
+            c.send()
+            try:
+                return c.until(lambda e: isinstance(e, h2.events.StreamReset))
+            finally:
+                c.close()
+
+        events = await asyncio.to_thread(client)
+        resets = [e for e in events if isinstance(e, h2.events.StreamReset)]
+        assert [(e.stream_id, e.error_code) for e in resets] == [(5, h2.errors.ErrorCodes.REFUSED_STREAM)]
+        settings = [e for e in events if isinstance(e, h2.events.RemoteSettingsChanged)]
+        assert settings[0].changed_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS].new_value == 2
+        release.set()
+
+
+async def test_drain_sends_goaway_and_finishes_open_streams() -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def parked(stream: DownstreamStream) -> None:
+        started.set()
+        await release.wait()
+        await stream.send_head(ResponseHead(200, [("content-length", "4")]))
+        await stream.send_data(b"done", end_stream=True)
+
+    async with serve(parked) as srv:
+        c = await asyncio.to_thread(RawClient, srv.port)
+        try:
+            await asyncio.to_thread(lambda: (c.request(1), c.send()))
+            await asyncio.wait_for(started.wait(), 5)
+            proto = srv.protocols[0]
+            proto.drain()
+            goaway = await asyncio.to_thread(c.until, lambda e: isinstance(e, h2.events.ConnectionTerminated))
+            term = next(e for e in goaway if isinstance(e, h2.events.ConnectionTerminated))
+            assert term.last_stream_id == 1 and term.error_code == 0
+            release.set()
+            # h2 (as a client) refuses frames after GOAWAY, so read the rest raw.
+            rest = await asyncio.to_thread(read_frames_until_close, c.sock)
+            assert b"done" in rest
+            await proto.wait_closed(5)
+            assert proto.active_streams == 0
+        finally:
+            c.close()
+
+
+async def test_oversized_header_block_gets_431() -> None:
+    async with serve(hello, CodecSettings(max_request_headers_kb=1)) as srv:
+
+        def client() -> list[h2.events.Event]:
+            c = RawClient(srv.port)
+            c.request(1, extra=[("x-big", "v" * 1500)])
+            c.send()
+            try:
+                return c.until(lambda e: isinstance(e, h2.events.StreamEnded))
+            finally:
+                c.close()
+
+        events = await asyncio.to_thread(client)
+        response = next(e for e in events if isinstance(e, h2.events.ResponseReceived))
+        assert (b":status", b"431") in response.headers
+        assert srv.local_replies == [431]
+
+
+async def test_hpack_bomb_beyond_decoder_bound_is_goaway() -> None:
+    async with serve(hello, CodecSettings(max_request_headers_kb=1)) as srv:
+
+        def client() -> bytes:
+            c = RawClient(srv.port)
+            c.request(1, extra=[(f"x-{i}", "v" * 1000) for i in range(80)])
+            c.send()
+            try:
+                return read_frames_until_close(c.sock)
+            finally:
+                c.close()
+
+        data = await asyncio.to_thread(client)
+        assert goaway_code(data) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        # DATA on stream 0
+        (b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x", h2.errors.ErrorCodes.PROTOCOL_ERROR),
+        # SETTINGS with a length that is not a multiple of 6
+        (b"\x00\x00\x05\x04\x00\x00\x00\x00\x00hello", h2.errors.ErrorCodes.FRAME_SIZE_ERROR),
+        # WINDOW_UPDATE with a zero increment on the connection
+        (b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00", h2.errors.ErrorCodes.PROTOCOL_ERROR),
+    ],
+)
+async def test_malformed_frames_get_goaway_and_close(frame: bytes, code: int) -> None:
+    async with serve(hello) as srv:
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+                sock.sendall(PREFACE + SettingsFrame(0).serialize() + frame)
+                return read_frames_until_close(sock)
+
+        data = await asyncio.to_thread(client)
+        assert goaway_code(data) == code
+        # The server survives and serves the next connection.
+        rc, out, _ = await run("curl", "-sS", "--http2-prior-knowledge", f"http://127.0.0.1:{srv.port}/")
+        assert rc == 0 and out.startswith(b"hello GET")
+
+
+async def test_garbage_instead_of_preface_closes_connection() -> None:
+    async with serve(hello) as srv:
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                return read_frames_until_close(sock)
+
+        data = await asyncio.to_thread(client)
+        assert goaway_code(data) == h2.errors.ErrorCodes.PROTOCOL_ERROR
+
+
+async def test_handler_exception_becomes_500_or_reset() -> None:
+    async def broken(stream: DownstreamStream) -> None:
+        if stream.head.path == "/late":
+            await stream.send_head(ResponseHead(200))
+        raise RuntimeError("boom")
+
+    async with serve(broken) as srv:
+
+        def client() -> list[h2.events.Event]:
+            c = RawClient(srv.port)
+            c.request(1, "/early")
+            c.request(3, "/late")
+            c.send()
+            try:
+                return c.until(lambda e: isinstance(e, h2.events.StreamReset))
+            finally:
+                c.close()
+
+        events = await asyncio.to_thread(client)
+        early = next(e for e in events if isinstance(e, h2.events.ResponseReceived) and e.stream_id == 1)
+        assert (b":status", b"500") in early.headers
+        reset = next(e for e in events if isinstance(e, h2.events.StreamReset))
+        assert reset.stream_id == 3 and reset.error_code == h2.errors.ErrorCodes.INTERNAL_ERROR
+
+
+async def test_idle_connection_gets_goaway() -> None:
+    async with serve(hello, CodecSettings(idle_timeout=0.2)) as srv:
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+                sock.sendall(PREFACE + SettingsFrame(0).serialize())
+                return read_frames_until_close(sock)
+
+        data = await asyncio.to_thread(client)
+        assert goaway_code(data) == h2.errors.ErrorCodes.NO_ERROR
+
+
+async def test_response_strips_connection_specific_headers_and_sends_trailers() -> None:
+    async def h1_style(stream: DownstreamStream) -> None:
+        hop = [("connection", "keep-alive"), ("keep-alive", "timeout=5"), ("transfer-encoding", "chunked")]
+        await stream.send_head(ResponseHead(200, [*hop, ("x-kept", "1")]))
+        await stream.send_data(b"body")
+        await stream.send_trailers([("x-trailer", "t")])
+
+    async with serve(h1_style) as srv:
+
+        def client() -> list[h2.events.Event]:
+            c = RawClient(srv.port)
+            c.request(1)
+            c.send()
+            try:
+                return c.until(lambda e: isinstance(e, h2.events.StreamEnded))
+            finally:
+                c.close()
+
+        events = await asyncio.to_thread(client)
+        response = next(e for e in events if isinstance(e, h2.events.ResponseReceived))
+        names = {n for n, _ in response.headers}
+        assert b"x-kept" in names and not names & {b"connection", b"keep-alive", b"transfer-encoding"}
+        trailers = next(e for e in events if isinstance(e, h2.events.TrailersReceived))
+        assert trailers.headers == [(b"x-trailer", b"t")]
+
+
+async def test_request_pseudo_headers_and_cookie_crumbs() -> None:
+    heads: list[DownstreamStream] = []
+
+    async def record(stream: DownstreamStream) -> None:
+        heads.append(stream)
+        await stream.send_head(ResponseHead(204), end_stream=True)
+
+    async with serve(record) as srv:
+
+        def client() -> None:
+            c = RawClient(srv.port)
+            c.request(1, "/p?q=1", extra=[("cookie", "a=1"), ("cookie", "b=2"), ("x-h", "v")])
+            c.send()
+            try:
+                c.until(lambda e: isinstance(e, h2.events.StreamEnded))
+            finally:
+                c.close()
+
+        await asyncio.to_thread(client)
+    head = heads[0].head
+    assert (head.method, head.scheme, head.authority, head.path, head.version) == (
+        "GET",
+        "http",
+        "t",
+        "/p?q=1",
+        "2",
+    )
+    assert head.get("cookie") == "a=1; b=2"
+    assert head.get("x-h") == "v"
+
+
+def test_rst_frame_helper_sanity() -> None:
+    # Guards the raw-frame parser used above against a silent misparse.
+    data = (
+        SettingsFrame(0).serialize()
+        + GoAwayFrame(0, error_code=7).serialize()
+        + RstStreamFrame(1).serialize()
+    )
+    assert goaway_code(data) == 7
