@@ -420,6 +420,9 @@ class Listener:
     listener_filters_timeout: float = 15.0
     per_connection_buffer_limit_bytes: int = 1024 * 1024
     stat_prefix: str = ""
+    # enable_reuse_port: SO_REUSEPORT on the listening socket (several
+    # processes accepting on one address).
+    reuse_port: bool = False
 
     @property
     def inspects_tls(self) -> bool:
