@@ -1,0 +1,71 @@
+"""``meshlet bench <experiment>``: benchmark experiments.
+
+Each experiment prints exactly one JSON object on stdout with ``--json``
+(progress goes to stderr) and a table otherwise. Further experiments (tls,
+handshake, regex, controlplane) slot into ``EXPERIMENTS``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+import click
+
+from meshlet.cli.errors import EXIT_RUNTIME, CliError
+from meshlet.cli.lazy import LazyCommand, LazyGroup
+
+EXPERIMENTS: dict[str, LazyCommand] = {}
+
+
+@click.group(cls=LazyGroup, lazy_commands=EXPERIMENTS)
+def bench() -> None:
+    """Run a benchmark experiment; --json prints one JSON object on stdout."""
+
+
+def progress(message: str) -> None:
+    click.echo(f"bench: {message}", err=True)
+
+
+def emit(result: dict[str, Any], as_json: bool, columns: tuple[str, ...]) -> None:
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns, "error")
+    for row in result["rows"]:
+        table.add_row(*(str(row.get(col, "")) for col in columns), row.get("error", ""))
+    Console().print(table)
+
+
+PROXY_COLUMNS = ("name", "rps_max", "p50_ms", "p90_ms", "p99_ms", "cpu_s_per_1000_req", "rss_mb")
+
+
+@bench.command("proxy")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object {\"rows\": [...]} on stdout.")
+@click.option("--quick", is_flag=True, help="A short smoke run (about 15 s) instead of the full one.")
+@click.option("--duration", type=click.FloatRange(min=1), help="Saturation phase length, seconds [10].")
+@click.option("--connections", type=click.IntRange(min=1, max=10000), help="wrk connections [32].")
+@click.option("--rate", type=click.FloatRange(min=1), help="Fixed-rate phase, requests/s [1000].")
+@click.option("--rate-duration", type=click.FloatRange(min=1), help="Fixed-rate phase length, seconds [10].")
+@click.option("--system", "systems", multiple=True, type=click.Choice(("meshlet", "haproxy")),
+              help="Only these proxies (repeatable); default: all.")
+def proxy_bench(as_json: bool, quick: bool, duration: float | None, connections: int | None,
+                rate: float | None, rate_duration: float | None, systems: tuple[str, ...]) -> None:
+    """Throughput, latency at a fixed rate, CPU and memory: meshlet beside HAProxy."""
+    from meshlet.bench.proxy import QUICK, ProxyBenchOptions, run_proxy_bench
+
+    opts = QUICK if quick else ProxyBenchOptions()
+    overrides: dict[str, Any] = {
+        "saturation_s": duration, "connections": connections, "fixed_rate": rate,
+        "fixed_rate_s": rate_duration, "systems": systems or None,
+    }
+    opts = replace(opts, **{k: v for k, v in overrides.items() if v is not None})
+    result = run_proxy_bench(opts, progress)
+    emit(result, as_json, PROXY_COLUMNS)
+    failed = [row["name"] for row in result["rows"] if "error" in row]
+    if failed:
+        raise CliError(f"benchmark failed for: {', '.join(failed)}", EXIT_RUNTIME)
