@@ -139,7 +139,10 @@ class CertAuthority:
         key = ec.generate_private_key(ec.SECP256R1())
         now = utc_now()
         builder = _base_builder(
-            _name(common_name), _name(common_name), key, key,
+            _name(common_name),
+            _name(common_name),
+            key,
+            key,
             not_before or now - datetime.timedelta(hours=1),
             not_after or now + datetime.timedelta(days=365),
         )
@@ -156,16 +159,23 @@ class CertAuthority:
         *,
         not_before: datetime.datetime | None = None,
         not_after: datetime.datetime | None = None,
+        ekus: Sequence[x509.ObjectIdentifier] | None = None,
     ) -> CertAuthority:
+        """An intermediate CA under this one; ``ekus`` restricts its extended key usage."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = utc_now()
         builder = _base_builder(
-            _name(common_name), self.cert.subject, key, self.issued.key,
+            _name(common_name),
+            self.cert.subject,
+            key,
+            self.issued.key,
             not_before or now - datetime.timedelta(hours=1),
             not_after or now + datetime.timedelta(days=180),
         )
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         builder = builder.add_extension(_key_usage(ca=True), critical=True)
+        if ekus is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(list(ekus)), critical=False)
         cert = builder.sign(self.issued.key, hashes.SHA256())
         return CertAuthority(Issued(cert, key, self.path), (cert, *self.path))
 
@@ -189,8 +199,10 @@ class CertAuthority:
         key = ec.generate_private_key(ec.SECP256R1())
         now = utc_now()
         builder = _base_builder(
-            _name(common_name or (uris[0] if uris else dns[0] if dns else "leaf")), self.cert.subject,
-            key, self.issued.key,
+            _name(common_name or (uris[0] if uris else dns[0] if dns else "leaf")),
+            self.cert.subject,
+            key,
+            self.issued.key,
             not_before or now - datetime.timedelta(hours=1),
             not_after or now + datetime.timedelta(days=1),
         )

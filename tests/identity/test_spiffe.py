@@ -76,7 +76,9 @@ def test_workload_form() -> None:
     assert spiffe_id.segments == ("ns", "prod", "sa", "reviews")
 
 
-@pytest.mark.parametrize("text", ["spiffe://td", "spiffe://td/ns/a", "spiffe://td/ns/a/sa/b/c", "spiffe://td/x/a/sa/b"])
+@pytest.mark.parametrize(
+    "text", ["spiffe://td", "spiffe://td/ns/a", "spiffe://td/ns/a/sa/b/c", "spiffe://td/x/a/sa/b"]
+)
 def test_non_workload_form_has_no_namespace(text: str) -> None:
     spiffe_id = SpiffeId.parse(text)
     assert spiffe_id.namespace is None
@@ -116,10 +118,20 @@ def test_matcher_rules() -> None:
     matcher = SpiffeIdMatcher.of(
         ["spiffe://td/ns/a/sa/web", "spiffe://partner.org/*", "spiffe://td/ns/batch/*"]
     )
-    allowed = ["spiffe://td/ns/a/sa/web", "spiffe://partner.org/anything/at/all", "spiffe://partner.org",
-               "spiffe://td/ns/batch/sa/job", "spiffe://td/ns/batch"]
-    denied = ["spiffe://td/ns/a/sa/db", "spiffe://td/ns/batcher/sa/x", "spiffe://partner.org.evil/x",
-              "spiffe://td", "spiffe://td/ns/a/sa/web/extra"]
+    allowed = [
+        "spiffe://td/ns/a/sa/web",
+        "spiffe://partner.org/anything/at/all",
+        "spiffe://partner.org",
+        "spiffe://td/ns/batch/sa/job",
+        "spiffe://td/ns/batch",
+    ]
+    denied = [
+        "spiffe://td/ns/a/sa/db",
+        "spiffe://td/ns/batcher/sa/x",
+        "spiffe://partner.org.evil/x",
+        "spiffe://td",
+        "spiffe://td/ns/a/sa/web/extra",
+    ]
     for text in allowed:
         assert matcher.matches(SpiffeId.parse(text)), text
     for text in denied:
