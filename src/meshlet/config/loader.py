@@ -174,9 +174,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     for key_node, value_node in node.value:
         k = loader.construct_object(key_node, deep=deep)
         if k in mapping:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {k!r}", key_node.start_mark
-            )
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {k!r}", key_node.start_mark)
         mapping[k] = loader.construct_object(value_node, deep=deep)
     return mapping
 
@@ -186,7 +184,7 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 def _load_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -296,11 +294,7 @@ class _Validator:
 
 
 def _is_map(field: FieldDescriptor) -> bool:
-    return (
-        field.is_repeated
-        and field.message_type is not None
-        and field.message_type.GetOptions().map_entry
-    )
+    return field.is_repeated and field.message_type is not None and field.message_type.GetOptions().map_entry
 
 
 def _is_synthetic(oneof: Any) -> bool:
@@ -363,8 +357,11 @@ def _base64(value: Any, path: str) -> None:
     if not isinstance(value, str):
         raise ConfigError(path, f"expected a base64 string, got {_kind(value)}")
     try:
-        base64.b64decode(value + "=" * (-len(value) % 4), altchars=b"-_" if "-" in value or "_" in value else None,
-                         validate=True)
+        base64.b64decode(
+            value + "=" * (-len(value) % 4),
+            altchars=b"-_" if "-" in value or "_" in value else None,
+            validate=True,
+        )
     except ValueError:
         raise ConfigError(path, "invalid base64") from None
 
@@ -393,7 +390,7 @@ def _check_any(v: _Validator, data: Any, _: Descriptor, path: str) -> None:
 
 def _check_duration(_v: _Validator, data: Any, _d: Descriptor, path: str) -> None:
     if not isinstance(data, str) or not _DURATION.match(data):
-        raise ConfigError(path, f"expected a duration such as \"1.5s\", got {data!r}")
+        raise ConfigError(path, f'expected a duration such as "1.5s", got {data!r}')
 
 
 def _check_string(_v: _Validator, data: Any, _d: Descriptor, path: str) -> None:
