@@ -136,6 +136,11 @@ class BodyStream:
         return self._ended or self._error is not None
 
     @property
+    def aborted(self) -> bool:
+        """True once ``abort`` was called: the body will never complete."""
+        return self._error is not None
+
+    @property
     def buffered(self) -> int:
         return self._buffered
 
