@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import datetime
+import shutil
+import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -448,3 +452,167 @@ def test_check_san_matchers(root: CertAuthority) -> None:
     assert not check_san_matchers(
         b"not a certificate", [SanMatcher(SanType.URI, string_matcher(StringMatchKind.EXACT, WEB))]
     )
+
+
+# --------------------------------------------------------------------------- #
+# Interop: OpenSSL's verifier agrees on the same chains and anchors
+# --------------------------------------------------------------------------- #
+#
+# Left out on purpose, because OpenSSL's verifier has no opinion there while
+# the webpki profile and the SPIFFE X.509-SVID spec do: a CA certificate used
+# as leaf, a leaf without subjectAltName, and two URI SANs (OpenSSL accepts
+# all three).
+
+
+@dataclass(frozen=True)
+class InteropCase:
+    name: str
+    make: Callable[[CertAuthority, CertAuthority, datetime.datetime], Issued]
+    role: PeerRole = PeerRole.CLIENT
+    server_name: str | None = None
+    alert: str | None = None  # None: both accept
+    openssl_error: str = ""  # a fragment of `openssl verify`'s error line
+    trust_partner_only: bool = False  # anchor on the partner root instead of the local one
+
+
+def _days(n: int) -> datetime.timedelta:
+    return datetime.timedelta(days=n)
+
+
+INTEROP_CASES = [
+    InteropCase("svid via intermediate", lambda root, inter, now: inter.issue_svid(WEB)),
+    InteropCase(
+        "svid as server",
+        lambda root, inter, now: inter.issue_svid(WEB, ekus=[SERVER_AUTH]),
+        role=PeerRole.SERVER,
+    ),
+    InteropCase("no EKU", lambda root, inter, now: inter.issue_svid(WEB, ekus=None)),
+    InteropCase(
+        "wildcard server name",
+        lambda root, inter, now: inter.issue(dns=["*.example.com"], ekus=[SERVER_AUTH]),
+        role=PeerRole.SERVER,
+        server_name="api.example.com",
+    ),
+    InteropCase(
+        "ip server name",
+        lambda root, inter, now: inter.issue(ips=["127.0.0.1"], ekus=[SERVER_AUTH]),
+        role=PeerRole.SERVER,
+        server_name="127.0.0.1",
+    ),
+    InteropCase(
+        "expired leaf",
+        lambda root, inter, now: inter.issue_svid(WEB, not_before=now - _days(2), not_after=now - _days(1)),
+        alert="certificate_expired",
+        openssl_error="certificate has expired",
+    ),
+    InteropCase(
+        "not yet valid leaf",
+        lambda root, inter, now: inter.issue_svid(WEB, not_before=now + _days(1), not_after=now + _days(2)),
+        alert="certificate_expired",
+        openssl_error="certificate is not yet valid",
+    ),
+    InteropCase(
+        "expired intermediate",
+        lambda root, inter, now: root.intermediate(
+            "stale", not_before=now - _days(3), not_after=now - _days(1)
+        ).issue_svid(WEB),
+        alert="certificate_expired",
+        openssl_error="certificate has expired",
+    ),
+    InteropCase(
+        "unknown CA",
+        lambda root, inter, now: CertAuthority.root("stranger").issue_svid(WEB),
+        alert="unknown_ca",
+        openssl_error="unable to get local issuer certificate",
+    ),
+    InteropCase(
+        "missing intermediate",
+        lambda root, inter, now: Issued(inter.issue_svid(WEB).cert, inter.issued.key),
+        alert="unknown_ca",
+        openssl_error="unable to get local issuer certificate",
+    ),
+    InteropCase(
+        "forged signature",
+        lambda root, inter, now: inter.issue_svid(WEB, signing_key=ec.generate_private_key(ec.SECP256R1())),
+        alert="bad_certificate",
+        openssl_error="certificate signature failure",
+    ),
+    InteropCase(
+        "server-only EKU as client",
+        lambda root, inter, now: inter.issue_svid(WEB, ekus=[SERVER_AUTH]),
+        alert="unsupported_certificate",
+        openssl_error="certificate purpose",
+    ),
+    InteropCase(
+        "client-only EKU as server",
+        lambda root, inter, now: inter.issue_svid(WEB, ekus=[CLIENT_AUTH]),
+        role=PeerRole.SERVER,
+        alert="unsupported_certificate",
+        openssl_error="certificate purpose",
+    ),
+    InteropCase(
+        "intermediate restricted to serverAuth, client peer",
+        lambda root, inter, now: root.intermediate("servers only", ekus=[SERVER_AUTH]).issue_svid(WEB),
+        alert="unsupported_certificate",
+        openssl_error="certificate purpose",
+    ),
+    InteropCase(
+        "server name mismatch",
+        lambda root, inter, now: inter.issue(dns=["*.example.com"], ekus=[SERVER_AUTH]),
+        role=PeerRole.SERVER,
+        server_name="a.b.example.com",
+        alert="access_denied",
+        openssl_error="hostname mismatch",
+    ),
+    InteropCase(
+        "local ID under the partner bundle",
+        lambda root, inter, now: inter.issue_svid(WEB),
+        alert="unknown_ca",
+        openssl_error="unable to get local issuer certificate",
+        trust_partner_only=True,
+    ),
+]
+
+
+def _openssl_verify(
+    tmp_path: Path, anchor: CertAuthority, leaf: Issued, case: InteropCase, now: datetime.datetime
+) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "ca.pem").write_bytes(anchor.pem)
+    (tmp_path / "untrusted.pem").write_bytes(leaf.intermediates_pem)
+    (tmp_path / "leaf.pem").write_bytes(leaf.pem)
+    purpose = "sslserver" if case.role is PeerRole.SERVER else "sslclient"
+    args = ["openssl", "verify", "-CAfile", str(tmp_path / "ca.pem"), "-purpose", purpose]
+    args += ["-attime", str(int(now.timestamp()))]
+    if leaf.intermediates:
+        args += ["-untrusted", str(tmp_path / "untrusted.pem")]
+    if case.server_name is not None:
+        is_ip = case.server_name.replace(".", "").isdigit() or ":" in case.server_name
+        args += ["-verify_ip" if is_ip else "-verify_hostname", case.server_name]
+    return subprocess.run([*args, str(tmp_path / "leaf.pem")], capture_output=True, text=True, timeout=10)
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+@pytest.mark.parametrize("case", INTEROP_CASES, ids=lambda case: case.name)
+def test_openssl_agrees(
+    tmp_path: Path, root: CertAuthority, inter: CertAuthority, partner: CertAuthority, case: InteropCase
+) -> None:
+    now = utc_now()
+    leaf = case.make(root, inter, now)
+    anchor = partner if case.trust_partner_only else root
+    domain = "partner.org" if case.trust_partner_only else TD
+    policy = PeerPolicy(
+        role=case.role,
+        bundles=TrustBundleSet.of([TrustBundle.of(domain, [anchor.cert])]),
+        trusted_roots=(anchor.cert,),
+        server_name=case.server_name,
+    )
+    openssl = _openssl_verify(tmp_path, anchor, leaf, case, now)
+    openssl_output = openssl.stdout + openssl.stderr
+    if case.alert is None:
+        assert verify_peer(leaf.chain_der, policy, now)
+        assert openssl.returncode == 0, openssl_output
+    else:
+        assert refused(leaf, policy, now).alert == case.alert
+        assert openssl.returncode != 0
+        assert case.openssl_error in openssl_output
