@@ -545,3 +545,12 @@ class ProxyConfig:
     settings: dict[str, str] = field(default_factory=dict)
     # The source config as JSON-ready dicts per resource, for /config_dump.
     source: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterFilterConfig:
+    """``envoy.filters.http.router`` (extensions.filters.http.router.v3.Router), compiled:
+    the ``HttpFilterConfig.config`` of the terminal HTTP filter."""
+
+    # Do not add x-envoy-* headers (e.g. x-envoy-upstream-service-time) to responses.
+    suppress_envoy_headers: bool = False
