@@ -70,7 +70,7 @@ def run_command(group: click.Group, argv: Sequence[str] | None, prog_name: str =
         print_error(describe_yaml_error(exc))
         return EXIT_USAGE
     except (click.Abort, KeyboardInterrupt):
-        click.echo("", err=True)
+        # click has already ended the line on stderr.
         return EXIT_INTERRUPTED
     except Exception as exc:  # the last line of defence: a line, not a traceback
         log.debug("unexpected error", exc_info=True)
