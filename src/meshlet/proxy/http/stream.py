@@ -280,6 +280,10 @@ StreamHandler = Callable[[DownstreamStream], "asyncio.Future[None] | object"]
 class UpstreamResponse:
     head: ResponseHead
     body: BodyStream
+    # Abandon the exchange after the head arrived (the downstream went away):
+    # HTTP/2 codecs reset just this stream. None: the codec has no such
+    # operation and the pool closes the connection instead.
+    cancel: Callable[[], None] | None = field(default=None, compare=False)
     # Informational (1xx other than 101) responses are not surfaced; 101 is,
     # and then ``body`` carries the upgraded byte stream.
 
