@@ -139,6 +139,10 @@ class PeerPolicy:
             server_name=server_name,
         )
 
+    def verify(self, chain_der: Sequence[bytes], now: datetime.datetime) -> VerifiedPeer:
+        """``verify_peer`` under this policy; fits ``meshlet.tls.config.TlsConfig.verifier``."""
+        return verify_peer(chain_der, self, now)
+
     @property
     def has_allow_list(self) -> bool:
         return self.spiffe_ids is not None or bool(self.dns_names) or bool(self.san_matchers)
@@ -511,7 +515,7 @@ def dns_name_matches(presented: str, reference: str) -> bool:
     if "*" in suffix or suffix.count(".") < 2:
         return False
     head, dot, _ = reference.partition(".")
-    return bool(head) and bool(dot) and reference[len(head):] == suffix
+    return bool(head) and bool(dot) and reference[len(head) :] == suffix
 
 
 # --------------------------------------------------------------------------- #

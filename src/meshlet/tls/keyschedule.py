@@ -1,0 +1,121 @@
+"""TLS 1.3 key schedule (RFC 8446 section 7.1) on ``cryptography``'s HKDF and HMAC."""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+from meshlet.tls.codec import HandshakeType
+from meshlet.tls.crypto import IV_LENGTH, CipherSuite
+
+
+def hkdf_extract(hash_alg: hashes.HashAlgorithm, salt: bytes, ikm: bytes) -> bytes:
+    h = hmac.HMAC(salt or b"\x00" * hash_alg.digest_size, hash_alg)
+    h.update(ikm)
+    return h.finalize()
+
+
+def hkdf_expand_label(
+    hash_alg: hashes.HashAlgorithm, secret: bytes, label: bytes, context: bytes, length: int
+) -> bytes:
+    full_label = b"tls13 " + label
+    info = (
+        length.to_bytes(2, "big") + bytes((len(full_label),)) + full_label + bytes((len(context),)) + context
+    )
+    return HKDFExpand(hash_alg, length, info).derive(secret)
+
+
+def transcript_digest(hash_alg: hashes.HashAlgorithm, data: bytes) -> bytes:
+    h = hashes.Hash(hash_alg)
+    h.update(data)
+    return h.finalize()
+
+
+def derive_secret(
+    hash_alg: hashes.HashAlgorithm, secret: bytes, label: bytes, transcript_hash: bytes
+) -> bytes:
+    return hkdf_expand_label(hash_alg, secret, label, transcript_hash, hash_alg.digest_size)
+
+
+def traffic_key_and_iv(suite: CipherSuite, secret: bytes) -> tuple[bytes, bytes]:
+    hash_alg = suite.hash
+    key = hkdf_expand_label(hash_alg, secret, b"key", b"", suite.key_length)
+    iv = hkdf_expand_label(hash_alg, secret, b"iv", b"", IV_LENGTH)
+    return key, iv
+
+
+def next_traffic_secret(suite: CipherSuite, secret: bytes) -> bytes:
+    """application_traffic_secret_N+1 (KeyUpdate, RFC 8446 section 7.2)."""
+    return hkdf_expand_label(suite.hash, secret, b"traffic upd", b"", suite.hash_length)
+
+
+def finished_verify_data(hash_alg: hashes.HashAlgorithm, base_key: bytes, transcript_hash: bytes) -> bytes:
+    finished_key = hkdf_expand_label(hash_alg, base_key, b"finished", b"", hash_alg.digest_size)
+    h = hmac.HMAC(finished_key, hash_alg)
+    h.update(transcript_hash)
+    return h.finalize()
+
+
+def resumption_psk(suite: CipherSuite, resumption_master_secret: bytes, nonce: bytes) -> bytes:
+    return hkdf_expand_label(suite.hash, resumption_master_secret, b"resumption", nonce, suite.hash_length)
+
+
+def message_hash(hash_alg: hashes.HashAlgorithm, client_hello1: bytes) -> bytes:
+    """The synthetic message replacing ClientHello1 after a HelloRetryRequest."""
+    digest = transcript_digest(hash_alg, client_hello1)
+    return bytes((HandshakeType.message_hash, 0, 0, len(digest))) + digest
+
+
+class KeySchedule:
+    """The secret chain early -> handshake -> master for one connection."""
+
+    __slots__ = ("_hash", "_zeros", "secret", "suite")
+
+    def __init__(self, suite: CipherSuite, psk: bytes | None = None) -> None:
+        self.suite = suite
+        self._hash = suite.hash
+        self._zeros = b"\x00" * suite.hash_length
+        self.secret = hkdf_extract(self._hash, b"", psk if psk is not None else self._zeros)
+
+    @property
+    def early_secret(self) -> bytes:
+        return self.secret
+
+    def binder_key(self) -> bytes:
+        """Resumption binder key (tickets are resumption PSKs)."""
+        return derive_secret(self._hash, self.secret, b"res binder", transcript_digest(self._hash, b""))
+
+    def advance(self, ikm: bytes | None = None) -> None:
+        """early -> handshake (ikm = ECDHE shared secret) -> master (no ikm)."""
+        derived = derive_secret(self._hash, self.secret, b"derived", transcript_digest(self._hash, b""))
+        self.secret = hkdf_extract(self._hash, derived, ikm if ikm is not None else self._zeros)
+
+    def derive(self, label: bytes, transcript_hash: bytes) -> bytes:
+        return derive_secret(self._hash, self.secret, label, transcript_hash)
+
+
+class Transcript:
+    """The handshake messages so far. Transcripts are a few kilobytes, so the
+    hash is computed on demand over the joined messages: this keeps HRR's
+    message_hash substitution and PSK binders (hash of a partial ClientHello)
+    trivial."""
+
+    __slots__ = ("_messages",)
+
+    def __init__(self) -> None:
+        self._messages: list[bytes] = []
+
+    @property
+    def empty(self) -> bool:
+        return not self._messages
+
+    def add(self, raw: bytes) -> None:
+        self._messages.append(raw)
+
+    def digest(self, hash_alg: hashes.HashAlgorithm, extra: bytes = b"") -> bytes:
+        return transcript_digest(hash_alg, b"".join(self._messages) + extra)
+
+    def restart_after_retry(self, hash_alg: hashes.HashAlgorithm) -> None:
+        """Replace ClientHello1 by its message_hash (RFC 8446 section 4.4.1)."""
+        first = self._messages[0]
+        self._messages[0] = message_hash(hash_alg, first)
