@@ -1,0 +1,264 @@
+"""One accepted downstream connection, from accept to close.
+
+``AcceptedConnection`` is the raw transport's first protocol: it builds the
+``ConnectionInfo``, runs the TLS inspector when the listener has one (the
+bytes it reads are handed on as the transport socket's ``initial_data``),
+picks the filter chain, and starts the chain's transport socket. After that
+the application protocol (an HTTP codec, the TCP proxy) owns the transport;
+``ConnectionRecord`` keeps what the listener needs for stats and draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from meshlet.proxy.listeners.filter_chain import ConnectionFacts
+from meshlet.proxy.listeners.tls_inspector import ClientHelloInspector, Verdict
+from meshlet.proxy.transport import ConnectionInfo, HandshakeError, SecurityInfo
+
+if TYPE_CHECKING:
+    from meshlet.proxy.listeners.manager import ChainRuntime, ListenerRuntime
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionRecord:
+    """What the listener tracks per live connection."""
+
+    __slots__ = ("app", "finished", "info", "raw", "runtime", "started", "tracker")
+
+    def __init__(self, runtime: ListenerRuntime, raw: asyncio.Transport, info: ConnectionInfo) -> None:
+        self.runtime = runtime
+        self.raw = raw
+        self.info = info
+        self.app: asyncio.BaseProtocol | None = None
+        self.tracker: asyncio.BaseProtocol | None = None
+        self.started = time.monotonic()
+        self.finished = False
+
+    def finish(self) -> None:
+        """The connection is gone (idempotent): release its stats and slot."""
+        if self.finished:
+            return
+        self.finished = True
+        stats = self.runtime.stats
+        stats.cx_active.dec()
+        stats.cx_length_ms.record((time.monotonic() - self.started) * 1000.0)
+        self.runtime.connections.discard(self)
+
+    def drain(self) -> None:
+        """Ask the application protocol to finish in-flight work and close.
+
+        Connections still in the listener-filter or handshake phase have no
+        work in flight and are closed at once. Protocols without ``drain``
+        (the TCP proxy) stay open until the drain deadline aborts them.
+        """
+        if self.app is None:
+            self.raw.close()
+            return
+        # protocol_for's protocol answers for the connection even when it
+        # hands the transport to another codec (protocol sniffing, upgrades).
+        drain = getattr(self.app, "drain", None)
+        if callable(drain):
+            drain()
+
+    def abort(self) -> None:
+        self.raw.abort()
+        self.finish()
+
+
+class TrackedProtocol(asyncio.Protocol):
+    """Sits in front of the application protocol to see ``connection_lost``.
+
+    The hot callbacks are bound straight to the application's methods in
+    ``__init__`` (instance attributes shadow these class methods), so reads
+    and writes pay no extra call.
+    """
+
+    def __init__(self, app: asyncio.Protocol, record: ConnectionRecord) -> None:
+        self._app = app
+        self._record = record
+        self.data_received = app.data_received  # type: ignore[method-assign]
+        self.eof_received = app.eof_received  # type: ignore[method-assign]
+        self.pause_writing = app.pause_writing  # type: ignore[method-assign]
+        self.resume_writing = app.resume_writing  # type: ignore[method-assign]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._app.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._app.connection_lost(exc)
+        finally:
+            self._record.finish()
+
+
+class TrackedBufferedProtocol(asyncio.BufferedProtocol):
+    """``TrackedProtocol`` for application protocols that read into their own buffer."""
+
+    def __init__(self, app: asyncio.BufferedProtocol, record: ConnectionRecord) -> None:
+        self._app = app
+        self._record = record
+        self.get_buffer = app.get_buffer  # type: ignore[method-assign]
+        self.buffer_updated = app.buffer_updated  # type: ignore[method-assign]
+        self.eof_received = app.eof_received  # type: ignore[method-assign]
+        self.pause_writing = app.pause_writing  # type: ignore[method-assign]
+        self.resume_writing = app.resume_writing  # type: ignore[method-assign]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._app.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._app.connection_lost(exc)
+        finally:
+            self._record.finish()
+
+
+class AcceptedConnection(asyncio.Protocol):
+    """The protocol of a freshly accepted socket until its filter chain runs."""
+
+    __slots__ = ("_inspector", "_raw", "_record", "_runtime", "_timer")
+
+    def __init__(self, runtime: ListenerRuntime) -> None:
+        self._runtime = runtime
+        self._raw: asyncio.Transport | None = None
+        self._record: ConnectionRecord | None = None
+        self._inspector: ClientHelloInspector | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        rt = self._runtime
+        self._raw = transport
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        info = ConnectionInfo(
+            peer=(peer[0], peer[1]), local=(local[0], local[1]),
+            listener=rt.config.name, connection_id=rt.proxy.next_connection_id(),
+        )
+        record = self._record = ConnectionRecord(rt, transport, info)
+        rt.connections.add(record)
+        rt.stats.cx_total.inc()
+        rt.stats.cx_active.inc()
+        limit = rt.config.per_connection_buffer_limit_bytes
+        if limit:
+            transport.set_write_buffer_limits(high=limit)
+        if rt.config.inspects_tls:
+            self._inspector = ClientHelloInspector()
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(rt.config.listener_filters_timeout, self._inspection_timed_out)
+        else:
+            self._dispatch(ConnectionFacts(local[1], transport_protocol="raw_buffer"), b"")
+
+    def data_received(self, data: bytes) -> None:
+        inspector = self._inspector
+        if inspector is None:
+            return  # the chain has been picked; nothing else reads through here
+        result = inspector.feed(data)
+        if result is None:
+            return
+        self._cancel_timer()
+        self._inspector = None
+        rt = self._runtime
+        if result.verdict is Verdict.CLOSE:
+            rt.stats.hello_too_large.inc()
+            self._close()
+            return
+        if result.verdict is Verdict.TLS:
+            rt.stats.tls_found.inc()
+        else:
+            rt.stats.tls_not_found.inc()
+        assert self._record is not None
+        facts = ConnectionFacts(
+            self._record.info.local[1], result.server_name, result.transport_protocol, result.alpn
+        )
+        self._dispatch(facts, inspector.data)
+
+    def eof_received(self) -> bool:
+        # The peer gave up before the listener filters were done.
+        self._cancel_timer()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        if self._record is not None:
+            self._record.finish()
+
+    def _inspection_timed_out(self) -> None:
+        self._timer = None
+        self._inspector = None
+        self._runtime.stats.pre_cx_timeout.inc()
+        self._close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+
+    def _dispatch(self, facts: ConnectionFacts, initial: bytes) -> None:
+        rt = self._runtime
+        record = self._record
+        assert record is not None and self._raw is not None
+        chain_rt = rt.select(facts)
+        if chain_rt is None:
+            rt.stats.no_filter_chain_match.inc()
+            self._close()
+            return
+        record.info.filter_chain = chain_rt.chain.name
+        socket = chain_rt.transport.create()
+        socket.start(
+            self._raw,
+            _AppBuilder(chain_rt, record),
+            initial_data=initial,
+            on_failure=_HandshakeFailed(record),
+        )
+
+
+class _AppBuilder:
+    """Called by the transport socket once the connection is established."""
+
+    __slots__ = ("_chain", "_record")
+
+    def __init__(self, chain: ChainRuntime, record: ConnectionRecord) -> None:
+        self._chain = chain
+        self._record = record
+
+    def __call__(self, security: SecurityInfo) -> asyncio.BaseProtocol:
+        record = self._record
+        record.info.security = security
+        if security.tls:
+            record.runtime.stats.ssl_handshake.inc()
+        app = self._chain.app.protocol_for(record.info)
+        record.app = app
+        tracker: asyncio.BaseProtocol
+        if isinstance(app, asyncio.BufferedProtocol):
+            tracker = TrackedBufferedProtocol(app, record)
+        else:
+            tracker = TrackedProtocol(app, record)
+        record.tracker = tracker
+        return tracker
+
+
+class _HandshakeFailed:
+    __slots__ = ("_record",)
+
+    def __init__(self, record: ConnectionRecord) -> None:
+        self._record = record
+
+    def __call__(self, err: HandshakeError) -> None:
+        record = self._record
+        stats = record.runtime.stats
+        stats.ssl_counter(err.stat or "connection_error").inc()
+        log.info(
+            "listener %s: TLS handshake with %s:%s failed: %s",
+            record.info.listener, record.info.peer[0], record.info.peer[1], err,
+        )
+        record.finish()
