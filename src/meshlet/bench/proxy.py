@@ -60,8 +60,9 @@ class ProxyBenchOptions:
     systems: tuple[str, ...] = SYSTEMS
 
 
-QUICK = ProxyBenchOptions(saturation_s=2.0, connections=8, fixed_rate_s=2.0, fixed_rate_connections=8,
-                          warmup_s=0.5)
+# A smoke run (about 10 s for both systems): shapes and sanity, not figures to quote.
+QUICK = ProxyBenchOptions(saturation_s=1.0, connections=8, fixed_rate_s=1.0, fixed_rate_connections=8,
+                          warmup_s=0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +156,9 @@ class Measurement:
 def measure(target: ProxyUnderTest, opts: ProxyBenchOptions, plan: CpuPlan,
             progress: Progress) -> Measurement:
     url = f"http://{LOOPBACK}:{target.port}/"
-    progress(f"{target.name}: warm-up {opts.warmup_s:g} s")
-    run_wrk(url, threads=1, connections=opts.connections, duration=opts.warmup_s, cpus=plan.load)
+    if opts.warmup_s > 0:
+        progress(f"{target.name}: warm-up {opts.warmup_s:g} s")
+        run_wrk(url, threads=1, connections=opts.connections, duration=opts.warmup_s, cpus=plan.load)
     progress(f"{target.name}: saturation, wrk -t1 -c{opts.connections} -d{opts.saturation_s:g}s")
     wrk = run_wrk(url, threads=1, connections=opts.connections, duration=opts.saturation_s, cpus=plan.load)
     progress(f"{target.name}: {wrk.rps:.0f} req/s; "

@@ -46,7 +46,7 @@ PROXY_COLUMNS = ("name", "rps_max", "p50_ms", "p90_ms", "p99_ms", "cpu_s_per_100
 
 @bench.command("proxy")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object {\"rows\": [...]} on stdout.")
-@click.option("--quick", is_flag=True, help="A short smoke run (about 15 s) instead of the full one.")
+@click.option("--quick", is_flag=True, help="A short smoke run (about 10 s) instead of the full one.")
 @click.option("--duration", type=click.FloatRange(min=1), help="Saturation phase length, seconds [10].")
 @click.option("--connections", type=click.IntRange(min=1, max=10000), help="wrk connections [32].")
 @click.option("--rate", type=click.FloatRange(min=1), help="Fixed-rate phase, requests/s [1000].")

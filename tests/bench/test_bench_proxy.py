@@ -1,0 +1,58 @@
+"""``meshlet bench proxy --quick --json``: one JSON object, sane and consistent numbers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+METRICS = ("rps_max", "p50_ms", "p90_ms", "p99_ms", "cpu_s_per_1000_req", "rss_mb")
+
+
+def run_bench(*systems: str) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
+    argv = [sys.executable, "-m", "meshlet.cli.main", "bench", "proxy", "--quick", "--json"]
+    for system in systems:
+        argv += ["--system", system]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=80, check=False)
+    # Exactly one JSON object on stdout, whatever happened; progress on stderr.
+    result = json.loads(done.stdout)
+    assert isinstance(result, dict) and list(result) == ["rows"]
+    assert "bench:" in done.stderr
+    return done, result
+
+
+def check_row(row: dict[str, object], name: str) -> None:
+    assert row["name"] == name, row
+    assert "error" not in row, row["error"]
+    values = {key: row[key] for key in METRICS}
+    for key, value in values.items():
+        assert isinstance(value, int | float) and value > 0, (key, value)
+    assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]  # type: ignore[operator]
+    assert row["rss_hwm_mb"] >= row["rss_mb"]  # type: ignore[operator]
+    assert row["cores"] == 1
+    assert row["duration_s"] == 1.0 and row["connections"] == 8
+    # The fixed-rate phase answered (nearly) its whole schedule: 1000 req/s for 1 s.
+    assert row["fixed_rate_requests"] >= 950 and row["fixed_rate_errors"] == 0
+    assert row["fixed_rate_non_2xx"] == 0 and row["saturation_errors"] == 0
+    # CPU per request is the phase's CPU divided by what it served.
+    expected = row["cpu_s"] / row["fixed_rate_requests"] * 1000  # type: ignore[operator]
+    assert row["cpu_s_per_1000_req"] == pytest.approx(expected, rel=0.05, abs=0.001)
+    # A proxy cannot sustain more than one request per its CPU cost on its one core... within slack:
+    # saturation throughput times CPU per request is at most about one core-second per second.
+    assert row["rps_max"] * row["cpu_s_per_1000_req"] / 1000 < 3  # type: ignore[operator]
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_quick_bench_both_systems() -> None:
+    done, result = run_bench()
+    rows = result["rows"]
+    assert isinstance(rows, list)
+    assert [row["name"] for row in rows] == ["meshlet", "haproxy"]
+    for row in rows:
+        check_row(row, row["name"])
+    assert done.returncode == 0, done.stderr[-500:]
