@@ -9,6 +9,7 @@ Paths use the proto field names and ``[i]`` indices, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -108,3 +109,15 @@ def require(msg: Message, field_name: str, path: str) -> None:
 def which(msg: Message, oneof: str) -> str | None:
     name: str | None = msg.WhichOneof(oneof)
     return name
+
+
+def model_default(model_class: Any, field_name: str) -> Any:
+    """The default of a model dataclass field (slots dataclasses hide them as class attributes)."""
+    for f in dataclasses.fields(model_class):
+        if f.name == field_name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            break
+    raise ValueError(f"{model_class.__name__}.{field_name} has no default")

@@ -1,0 +1,241 @@
+"""Compile cluster.v3.Cluster and endpoint.v3.ClusterLoadAssignment."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2 as ec
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
+
+from meshlet.config.address import compile_address
+from meshlet.config.extensions import type_url_of, unpack_any
+from meshlet.config.fields import (
+    allow_fields,
+    check_enum,
+    check_fields,
+    duration_field,
+    index,
+    join,
+    key,
+    model_default,
+    wrapped,
+)
+from meshlet.config.model import (
+    Cluster,
+    ClusterLoadAssignment,
+    DiscoveryType,
+    Endpoint,
+    HealthStatus,
+    Http2Settings,
+    LbPolicy,
+    LocalityEndpoints,
+    UpstreamProtocol,
+)
+from meshlet.config.protocol import check_http1_options, common_options, compile_http2_settings
+from meshlet.config.tls import compile_transport_socket
+from meshlet.errors import ConfigError, UnsupportedConfig
+
+allow_fields(
+    cluster_pb2.Cluster,
+    "name",
+    "type",
+    "lb_policy",
+    "connect_timeout",
+    "load_assignment",
+    "transport_socket",
+    "http2_protocol_options",
+    "typed_extension_protocol_options",
+    "dns_refresh_rate",
+    "dns_lookup_family",
+    "respect_dns_ttl",
+    "per_connection_buffer_limit_bytes",
+)
+allow_fields(endpoint_pb2.ClusterLoadAssignment, "cluster_name", "endpoints")
+allow_fields(ec.LocalityLbEndpoints, "locality", "lb_endpoints", "load_balancing_weight", "priority")
+allow_fields(ec.LbEndpoint, "endpoint", "health_status", "load_balancing_weight")
+allow_fields(ec.Endpoint, "address", "hostname")
+allow_fields(base_pb2.Locality, "region", "zone", "sub_zone")
+allow_fields(
+    hpo.HttpProtocolOptions,
+    "common_http_protocol_options",
+    "explicit_http_config",
+    "use_downstream_protocol_config",
+    "auto_config",
+)
+allow_fields(hpo.HttpProtocolOptions.ExplicitHttpConfig, "http_protocol_options", "http2_protocol_options")
+allow_fields(
+    hpo.HttpProtocolOptions.UseDownstreamHttpConfig, "http_protocol_options", "http2_protocol_options"
+)
+allow_fields(hpo.HttpProtocolOptions.AutoHttpConfig, "http_protocol_options", "http2_protocol_options")
+
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_HTTP_PROTOCOL_OPTIONS_URL = type_url_of(hpo.HttpProtocolOptions)
+_DNS_FAMILIES = ("AUTO", "V4_ONLY", "V6_ONLY", "V4_PREFERRED", "ALL")
+_HEALTH = {v.name: v for v in HealthStatus}
+_DEFAULT_CONNECT_TIMEOUT: float = model_default(Cluster, "connect_timeout")
+_DEFAULT_IDLE_TIMEOUT: float = model_default(Cluster, "idle_timeout")
+_DEFAULT_DNS_REFRESH: float = model_default(Cluster, "dns_refresh_rate")
+_DEFAULT_BUFFER_LIMIT: int = model_default(Cluster, "per_connection_buffer_limit_bytes")
+
+
+def compile_cluster(msg: Any, path: str) -> Cluster:
+    check_fields(msg, path)
+    if not msg.name:
+        raise ConfigError(join(path, "name"), "is required")
+    discovery = DiscoveryType(check_enum(msg, "type", path, ("STATIC", "STRICT_DNS")))
+    lb_policy = LbPolicy(check_enum(msg, "lb_policy", path, ("ROUND_ROBIN",)))
+    connect_timeout = duration_field(msg, "connect_timeout", path, _DEFAULT_CONNECT_TIMEOUT)
+    if connect_timeout is None:
+        raise ConfigError(join(path, "connect_timeout"), "must be greater than 0")
+    if not msg.HasField("load_assignment"):
+        raise ConfigError(join(path, "load_assignment"), f"is required for a {discovery.value} cluster")
+    assignment = compile_cluster_load_assignment(
+        msg.load_assignment,
+        join(path, "load_assignment"),
+        allow_hostnames=discovery is DiscoveryType.STRICT_DNS,
+        default_name=msg.name,
+    )
+    transport = None
+    if msg.HasField("transport_socket"):
+        transport = compile_transport_socket(
+            msg.transport_socket, join(path, "transport_socket"), server_side=False
+        )
+    buffer_limit = wrapped(msg, "per_connection_buffer_limit_bytes", _DEFAULT_BUFFER_LIMIT)
+    if buffer_limit < 1:
+        raise ConfigError(join(path, "per_connection_buffer_limit_bytes"), "must be at least 1")
+    refresh = duration_field(msg, "dns_refresh_rate", path, _DEFAULT_DNS_REFRESH)
+    if refresh is None:
+        raise ConfigError(join(path, "dns_refresh_rate"), "must be greater than 0")
+    extras: dict[str, Any] = {} if transport is None else {"transport_socket": transport}
+    return Cluster(
+        name=msg.name,
+        discovery=discovery,
+        lb_policy=lb_policy,
+        connect_timeout=connect_timeout,
+        load_assignment=assignment,
+        per_connection_buffer_limit_bytes=buffer_limit,
+        dns_refresh_rate=refresh,
+        dns_lookup_family=_dns_family(msg, path),
+        respect_dns_ttl=msg.respect_dns_ttl,
+        **_protocol_options(msg, path),
+        **extras,
+    )
+
+
+def _dns_family(msg: Any, path: str) -> Any:
+    return check_enum(msg, "dns_lookup_family", path, _DNS_FAMILIES)
+
+
+def _protocol_options(msg: Any, path: str) -> dict[str, Any]:
+    """protocol / http2 / idle_timeout / max_requests_per_connection of a cluster."""
+    options = msg.typed_extension_protocol_options
+    for name in options:
+        if name != HTTP_PROTOCOL_OPTIONS:
+            raise UnsupportedConfig(
+                key(join(path, "typed_extension_protocol_options"), name), f"{name} is not supported yet"
+            )
+    if msg.HasField("http2_protocol_options"):
+        if HTTP_PROTOCOL_OPTIONS in options:
+            raise ConfigError(
+                join(path, "http2_protocol_options"),
+                f"cannot be combined with typed_extension_protocol_options[{HTTP_PROTOCOL_OPTIONS!r}]",
+            )
+        h2 = compile_http2_settings(msg.http2_protocol_options, join(path, "http2_protocol_options"))
+        return {"protocol": UpstreamProtocol.HTTP2, "http2": h2}
+    if HTTP_PROTOCOL_OPTIONS not in options:
+        return {}
+    any_path = key(join(path, "typed_extension_protocol_options"), HTTP_PROTOCOL_OPTIONS)
+    packed = options[HTTP_PROTOCOL_OPTIONS]
+    if packed.type_url != _HTTP_PROTOCOL_OPTIONS_URL:
+        raise ConfigError(join(any_path, "@type"), f"expected {_HTTP_PROTOCOL_OPTIONS_URL}")
+    return compile_http_protocol_options(unpack_any(packed, any_path), any_path)
+
+
+def compile_http_protocol_options(msg: Any, path: str) -> dict[str, Any]:
+    """envoy.extensions.upstreams.http.v3.HttpProtocolOptions as Cluster keyword arguments."""
+    check_fields(msg, path)
+    kind = msg.WhichOneof("upstream_protocol_options")
+    if kind is None:
+        raise ConfigError(
+            path, "one of explicit_http_config, use_downstream_protocol_config, auto_config is required"
+        )
+    result: dict[str, Any] = {"idle_timeout": _DEFAULT_IDLE_TIMEOUT}
+    if msg.HasField("common_http_protocol_options"):
+        common_path = join(path, "common_http_protocol_options")
+        result.update(common_options(msg.common_http_protocol_options, common_path, allow_max_requests=True))
+    config_path = join(path, kind)
+    config = getattr(msg, kind)
+    check_fields(config, config_path)
+    if config.HasField("http_protocol_options"):
+        check_http1_options(config.http_protocol_options, join(config_path, "http_protocol_options"))
+    http2: Http2Settings | None = None
+    if config.HasField("http2_protocol_options"):
+        http2 = compile_http2_settings(
+            config.http2_protocol_options, join(config_path, "http2_protocol_options")
+        )
+    if kind == "explicit_http_config":
+        explicit = config.WhichOneof("protocol_config")
+        if explicit is None:
+            raise ConfigError(config_path, "one of http_protocol_options, http2_protocol_options is required")
+        result["protocol"] = UpstreamProtocol.HTTP2 if http2 is not None else UpstreamProtocol.HTTP1
+    elif kind == "auto_config":
+        result["protocol"] = UpstreamProtocol.AUTO
+    else:
+        result["protocol"] = UpstreamProtocol.DOWNSTREAM
+    if http2 is not None:
+        result["http2"] = http2
+    return result
+
+
+def compile_cluster_load_assignment(
+    msg: Any, path: str, *, allow_hostnames: bool = False, default_name: str = ""
+) -> ClusterLoadAssignment:
+    """Endpoints by locality. Addresses must be IPs unless ``allow_hostnames`` (STRICT_DNS)."""
+    check_fields(msg, path)
+    name = msg.cluster_name or default_name
+    if not name:
+        raise ConfigError(join(path, "cluster_name"), "is required")
+    localities = tuple(
+        _locality(loc, index(join(path, "endpoints"), i), allow_hostnames)
+        for i, loc in enumerate(msg.endpoints)
+    )
+    return ClusterLoadAssignment(cluster_name=name, localities=localities)
+
+
+def _locality(msg: Any, path: str, allow_hostnames: bool) -> LocalityEndpoints:
+    check_fields(msg, path)
+    locality = ""
+    if msg.HasField("locality"):
+        check_fields(msg.locality, join(path, "locality"))
+        locality = "/".join((msg.locality.region, msg.locality.zone, msg.locality.sub_zone)).rstrip("/")
+    weight = wrapped(msg, "load_balancing_weight", None)
+    if weight is not None and weight < 1:
+        raise ConfigError(join(path, "load_balancing_weight"), "must be at least 1")
+    endpoints = tuple(
+        _lb_endpoint(ep, index(join(path, "lb_endpoints"), i), allow_hostnames)
+        for i, ep in enumerate(msg.lb_endpoints)
+    )
+    return LocalityEndpoints(endpoints=endpoints, locality=locality, weight=weight, priority=msg.priority)
+
+
+def _lb_endpoint(msg: Any, path: str, allow_hostnames: bool) -> Endpoint:
+    check_fields(msg, path)
+    if msg.WhichOneof("host_identifier") != "endpoint":
+        raise ConfigError(join(path, "endpoint"), "is required")
+    endpoint_path = join(path, "endpoint")
+    check_fields(msg.endpoint, endpoint_path)
+    if not msg.endpoint.HasField("address"):
+        raise ConfigError(join(endpoint_path, "address"), "is required")
+    address = compile_address(
+        msg.endpoint.address, join(endpoint_path, "address"), allow_hostname=allow_hostnames
+    )
+    weight = wrapped(msg, "load_balancing_weight", 1)
+    if weight < 1:
+        raise ConfigError(join(path, "load_balancing_weight"), "must be at least 1")
+    health = check_enum(msg, "health_status", path, _HEALTH)
+    return Endpoint(
+        address=address, weight=weight, health_status=_HEALTH[health], hostname=msg.endpoint.hostname
+    )
