@@ -82,3 +82,10 @@ def last_chunk(trailers: Headers | None) -> bytes:
 
 def decode_header(name: bytes, value: bytes) -> tuple[str, str]:
     return name.decode("latin-1").lower(), value.decode("latin-1")
+
+
+def decode_fields(raw: list[tuple[bytes, bytes]] | None) -> Headers | None:
+    """Trailer fields as llhttp reported them, in the shared ``Headers`` form."""
+    if not raw:
+        return None
+    return [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in raw]

@@ -27,6 +27,7 @@ from meshlet.proxy.http.h1_common import (
     HeadTooLarge,
     chunk_prefix,
     connection_tokens,
+    decode_fields,
     last_chunk,
     reason_phrase,
     response_has_no_body,
@@ -52,6 +53,9 @@ MAX_PIPELINED = 16
 # a burst of tiny pipelined requests overshoots MAX_PIPELINED by at most one
 # slice's worth.
 FEED_SLICE = 8 * 1024
+# After a response that ends the connection, how long input is still read
+# (and dropped) before closing; see _close_after_response.
+LINGER_TIMEOUT = 2.0
 # Ceiling on the write buffer before send_* start waiting for the client.
 WRITE_HIGH_WATER = 256 * 1024
 
@@ -180,6 +184,7 @@ class H1ServerStream:
 
     __slots__ = (
         "_conn",
+        "_dispatched",
         "_done",
         "_expect_continue",
         "_framing",
@@ -203,6 +208,7 @@ class H1ServerStream:
         self._expect_continue = parsed.expect_continue
         self._tunnel_request = parsed.tunnel
         self._head_sent = False
+        self._dispatched = False
         self._done = False
         self._request_done = False
         self._pressured = False
@@ -402,6 +408,7 @@ class H1ServerProtocol(asyncio.Protocol):
         # Input parsed later because too many requests were already queued.
         self._backlog: bytes | None = None
         self._pending_error: tuple[int, str] | None = None
+        self._dispatch_due = False
         self._pause_reasons = 0
         self._closed = False
         self._closing = False
@@ -414,6 +421,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._idle_deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
+        self._linger: asyncio.TimerHandle | None = None
         timeouts = [t for t in (settings.request_headers_timeout, settings.idle_timeout) if t]
         self._tick = min(timeouts) if timeouts else None
 
@@ -439,6 +447,29 @@ class H1ServerProtocol(asyncio.Protocol):
             self._closing = True
             self._transport.close()
 
+    def _close_after_response(self) -> None:
+        """Close once the written responses reach the client.
+
+        Closing a socket that still has unread input makes the kernel send a
+        RST, which can destroy the response before the client reads it (a 413
+        or 400 answered before the body arrived). So: half-close our side,
+        keep reading and dropping input until the client closes or
+        LINGER_TIMEOUT passes, then close.
+        """
+        transport = self._transport
+        if transport is None or self._closing:
+            return
+        if not transport.can_write_eof():
+            self.close()
+            return
+        self._closing = True
+        transport.write_eof()
+        if self._pause_reasons:
+            self._pause_reasons = 0
+            transport.resume_reading()
+        assert self._loop is not None
+        self._linger = self._loop.call_later(LINGER_TIMEOUT, transport.close)
+
     # -- asyncio.Protocol -------------------------------------------------- #
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -459,6 +490,8 @@ class H1ServerProtocol(asyncio.Protocol):
             self._feed(data)
 
     def eof_received(self) -> bool | None:
+        if self._closing:
+            return False
         if self._tunnel is not None:
             self._tunnel.body.end()
             return True  # keep writing the upstream's side of the tunnel
@@ -472,6 +505,8 @@ class H1ServerProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._linger is not None:
+            self._linger.cancel()
         tunnel = self._tunnel
         for stream in self._streams:
             if stream is tunnel and exc is None:
@@ -534,7 +569,7 @@ class H1ServerProtocol(asyncio.Protocol):
         if not (stream._keep_alive and stream._request_done) or self.draining:
             # A request whose body was not read to its end leaves the parser
             # mid-message: the connection cannot carry another request.
-            self.close()
+            self._close_after_response()
             return
         if self._streams:
             self._dispatch(self._streams[0])
@@ -542,7 +577,7 @@ class H1ServerProtocol(asyncio.Protocol):
             self._local_reply(*self._pending_error)
             return
         elif self._peer_eof:
-            self.close()
+            self._close_after_response()
             return
         else:
             self._go_idle()
@@ -563,6 +598,7 @@ class H1ServerProtocol(asyncio.Protocol):
             self._resume(_PAUSE_BODY)
 
     def _dispatch(self, stream: H1ServerStream) -> None:
+        stream._dispatched = True
         if stream._expect_continue and not stream._request_done:
             self.write(_CONTINUE)
         assert self._loop is not None
@@ -596,6 +632,16 @@ class H1ServerProtocol(asyncio.Protocol):
     # -- parsing --------------------------------------------------------------- #
 
     def _feed(self, data: bytes) -> None:
+        self._parse(data)
+        # Dispatch only once the input is parsed: a request that turns out
+        # malformed further on (an invalid Transfer-Encoding, a bad first
+        # chunk) is then answered 400 here instead of reaching the handler.
+        if self._dispatch_due:
+            self._dispatch_due = False
+            if self._streams and not self.closed:
+                self._dispatch(self._streams[0])
+
+    def _parse(self, data: bytes) -> None:
         if self._parsing is None:
             self._raw_head_bytes += len(data)
         try:
@@ -682,7 +728,7 @@ class H1ServerProtocol(asyncio.Protocol):
         streams = self._streams
         streams.append(stream)
         if len(streams) == 1:
-            self._dispatch(stream)
+            self._dispatch_due = True
         elif len(streams) > self._max_pipelined:
             self._pause(_PAUSE_PIPELINE)
 
@@ -698,9 +744,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._parsing = None
         stream._request_done = True
         if not stream._tunnel_request:
-            trailers = self._trailers
-            stream.body.end([(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in trailers]
-                            if trailers else None)
+            stream.body.end(decode_fields(self._trailers))
 
     def _count_head(self, size: int) -> None:
         self._head_size += size
@@ -724,11 +768,14 @@ class H1ServerProtocol(asyncio.Protocol):
         self._backlog = None
         stream = self._parsing
         if stream is not None:
-            # The error is inside a body being proxied: the handler sees the
-            # abort and answers; the connection closes after that response.
             self._parsing = None
-            stream.body.abort(StreamReset("PROTOCOL_ERROR", detail))
-            return
+            if stream._dispatched:
+                # The error is inside a body being proxied: the handler sees
+                # the abort and answers; the connection closes after that.
+                stream.body.abort(StreamReset("PROTOCOL_ERROR", detail))
+                return
+            self._streams.pop()  # never handed to the handler: answered here
+            self._dispatch_due = False
         self._head_deadline = None
         self._in_head = False
         if self._streams:
@@ -744,7 +791,7 @@ class H1ServerProtocol(asyncio.Protocol):
             f"server: {self._settings.server_name}\r\nconnection: close\r\n\r\n"
         )
         self.write(head.encode("latin-1") + body)
-        self.close()
+        self._close_after_response()
         callback = self._settings.on_local_reply
         if callback is not None:
             callback(status, detail)
