@@ -2,12 +2,17 @@ from __future__ import annotations
 
 import datetime
 import shutil
+import socket
+import ssl
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from identity.pki import BOTH_AUTH, CLIENT_AUTH, SERVER_AUTH, CertAuthority, Issued, utc_now
@@ -616,3 +621,91 @@ def test_openssl_agrees(
         assert refused(leaf, policy, now).alert == case.alert
         assert openssl.returncode != 0
         assert case.openssl_error in openssl_output
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.kill()
+    process.wait(timeout=5)
+    if process.stdin is not None:
+        process.stdin.close()
+
+
+def _start_s_server(tmp_path: Path, leaf: Issued) -> tuple[subprocess.Popen[bytes], int]:
+    cert, key = leaf.write(tmp_path, "server")
+    chain = tmp_path / "server-chain.pem"
+    chain.write_bytes(leaf.intermediates_pem)
+    log = tmp_path / "s_server.log"
+    args = ["openssl", "s_server", "-accept", "127.0.0.1:0", "-naccept", "1", "-tls1_3"]
+    args += ["-cert", str(cert), "-key", str(key), "-cert_chain", str(chain)]
+    with log.open("wb") as out:
+        # stdin stays open: s_server stops serving when its stdin ends.
+        server = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and server.poll() is None:
+        for line in log.read_text().splitlines():
+            if line.startswith("ACCEPT"):
+                return server, int(line.rsplit(":", 1)[1])
+        time.sleep(0.02)
+    _stop(server)
+    raise AssertionError(f"openssl s_server did not start: {log.read_text()}")
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_chain_sent_by_openssl_over_tls(
+    tmp_path: Path, inter: CertAuthority, bundles: TrustBundleSet
+) -> None:
+    """The chain OpenSSL's TLS server sends on the wire verifies as a SPIFFE server peer."""
+    leaf = inter.issue_svid(WEB, ekus=[SERVER_AUTH])
+    server, port = _start_s_server(tmp_path, leaf)
+    try:
+        client = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-showcerts", "-tls1_3"],
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    finally:
+        _stop(server)
+    sent = x509.load_pem_x509_certificates(client.stdout.encode())
+    chain_der = tuple(cert.public_bytes(serialization.Encoding.DER) for cert in sent)
+    assert chain_der == leaf.chain_der
+    policy = PeerPolicy(role=PeerRole.SERVER, bundles=bundles, spiffe_ids=SpiffeIdMatcher.of([WEB]))
+    assert str(policy.verify(chain_der, utc_now()).spiffe_id) == WEB
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+@pytest.mark.parametrize(("allowed", "accepted"), [(WEB, True), (f"spiffe://{TD}/ns/default/sa/db", False)])
+def test_check_san_matchers_after_stdlib_handshake(
+    tmp_path: Path, root: CertAuthority, inter: CertAuthority, allowed: str, accepted: bool
+) -> None:
+    """The stdlib-ssl transport's use: OpenSSL verified the chain, we check the SAN matchers."""
+    server_leaf = root.issue(dns=["localhost"], ekus=[SERVER_AUTH])
+    client_leaf = inter.issue_svid(WEB, ekus=[CLIENT_AUTH])
+    server_cert, server_key = server_leaf.write(tmp_path, "server")
+    client_cert, client_key = client_leaf.write(tmp_path, "client")
+    (tmp_path / "client-chain.pem").write_bytes(client_leaf.intermediates_pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(server_cert, server_key)
+    context.load_verify_locations(cadata=root.pem.decode())
+    context.verify_mode = ssl.CERT_REQUIRED
+    matchers = [SanMatcher(SanType.URI, string_matcher(StringMatchKind.EXACT, allowed))]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(5)
+        port = listener.getsockname()[1]
+        args = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-cert", str(client_cert)]
+        args += ["-key", str(client_key), "-cert_chain", str(tmp_path / "client-chain.pem")]
+        client = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            raw, _ = listener.accept()
+            raw.settimeout(5)
+            with context.wrap_socket(raw, server_side=True) as tls:
+                leaf_der = tls.getpeercert(binary_form=True)
+        finally:
+            _stop(client)
+    assert leaf_der == client_leaf.der
+    assert check_san_matchers(leaf_der, matchers) is accepted
