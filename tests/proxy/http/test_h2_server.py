@@ -325,17 +325,22 @@ async def test_client_reset_aborts_body_and_later_sends_raise() -> None:
 
     async with serve(waits_for_body) as srv:
 
-        def client() -> None:
+        def client() -> RawClient:
             c = RawClient(srv.port)
             c.request(1, end=False)
             c.send()
             c.conn.reset_stream(1, 0x8)  # CANCEL
             c.send()
-            c.close()
+            return c
 
-        await asyncio.to_thread(client)
-        first = await asyncio.wait_for(seen.get(), 5)
-        second = await asyncio.wait_for(seen.get(), 5)
+        # The socket stays open until the handler saw both errors, so the
+        # connection's loss cannot overtake the RST_STREAM.
+        c = await asyncio.to_thread(client)
+        try:
+            first = await asyncio.wait_for(seen.get(), 5)
+            second = await asyncio.wait_for(seen.get(), 5)
+        finally:
+            c.close()
     assert isinstance(first, StreamReset) and first.code == "CANCEL"
     assert isinstance(second, StreamReset) and second.code == "CANCEL"
 

@@ -172,10 +172,13 @@ class H2StreamState:
             size, self.unacked = self.unacked, 0
             self._endpoint.acknowledge(self.stream_id, size)
 
-    def fail(self, error: StreamReset) -> None:
+    def fail(self, error: StreamReset, *, abort_body: bool = True) -> None:
+        """Later sends raise ``error``; unless told otherwise the inbound body
+        aborts with it too (not when it already arrived complete)."""
         if self.error is None:
             self.error = error
-        self.body.abort(error)
+        if abort_body:
+            self.body.abort(error)
 
 
 class H2Endpoint(asyncio.Protocol):
