@@ -100,7 +100,7 @@ class Harness:
         self.runtime = ProxyRuntime(ProxySettings(drain_time=2.0))
         self.drained: list[str] = []
 
-        def builder(cfg: NetworkFilterConfig, runtime: ProxyRuntime, path: str) -> LabelApp:
+        def builder(cfg: NetworkFilterConfig, runtime: ProxyRuntime, path: str, tag: str) -> LabelApp:
             assert isinstance(cfg, TcpProxyConfig)
             return LabelApp(cfg.stat_prefix, self.drained)
 

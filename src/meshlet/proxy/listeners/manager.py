@@ -56,15 +56,18 @@ class NetworkApp(Protocol):
     def protocol_for(self, info: ConnectionInfo) -> asyncio.Protocol: ...
 
 
-AppBuilder = Callable[[NetworkFilterConfig, ProxyRuntime, str], NetworkApp]
+AppBuilder = Callable[[NetworkFilterConfig, ProxyRuntime, str, str], NetworkApp]
+"""``(filter config, runtime, config path, listener stat tag) -> NetworkApp``."""
 
 
-def build_network_app(cfg: NetworkFilterConfig, runtime: ProxyRuntime, path: str) -> NetworkApp:
+def build_network_app(
+    cfg: NetworkFilterConfig, runtime: ProxyRuntime, path: str, listener_tag: str
+) -> NetworkApp:
     """The default ``AppBuilder``: HTTP connection manager or TCP proxy."""
     if isinstance(cfg, HttpConnectionManagerConfig):
         from meshlet.proxy.http.conn_manager import HttpConnectionManager
 
-        return HttpConnectionManager(cfg, runtime)
+        return HttpConnectionManager(cfg, runtime, listener_tag, path=path)
     if isinstance(cfg, TcpProxyConfig):
         from meshlet.proxy.tcp import TcpProxy
 
@@ -146,7 +149,7 @@ class ListenerRuntime:
             raise exc.under(path) from None
         where = f"{path}.filters[0]"
         try:
-            app = builder(chain.filters[-1], self.proxy, where)
+            app = builder(chain.filters[-1], self.proxy, where, stat_tag(self.config))
         except ConfigError as exc:
             raise (exc if exc.path.startswith("listeners[") else exc.under(where)) from None
         return ChainRuntime(chain, transport, app)
