@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from meshlet.proxy.listeners.filter_chain import ConnectionFacts
 from meshlet.proxy.listeners.tls_inspector import ClientHelloInspector, Verdict
@@ -131,7 +131,8 @@ class AcceptedConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports do not derive from asyncio.Transport: no isinstance.
+        transport = cast(asyncio.Transport, transport)
         rt = self._runtime
         self._raw = transport
         peer = transport.get_extra_info("peername") or ("", 0)
