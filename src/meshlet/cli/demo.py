@@ -39,6 +39,7 @@ from meshlet.cli.logs import LEVEL_NAMES
 DEMO_CONFIG = "demo/proxy.yaml"
 DEMO_CLUSTER = "demo_app"
 READY_TIMEOUT = 20.0
+WIDE_OUTPUT = 130
 HEADLINE_STATS = (
     "http.demo.downstream_rq_total",
     "http.demo.downstream_rq_2xx",
@@ -116,7 +117,7 @@ def prepare_config(source: Path, workdir: Path) -> tuple[Path, DemoPorts, dict[i
 
 
 def traffic_table(results: dict[str, ProbeStats]) -> Table:
-    table = Table("kind", "request", "what the proxy does", "n", "statuses", "p50 ms", "p90 ms", "p99 ms",
+    table = Table("kind", "request", "what happens", "n", "statuses", "p50 ms", "p90 ms", "p99 ms",
                   title="traffic through the proxy")
     for stats in results.values():
         statuses = " ".join(f"{code} x{n}" for code, n in sorted(stats.statuses.items()))
@@ -194,7 +195,12 @@ def run_round(console: Console, ports: DemoPorts, total: int) -> None:
 def demo(once: bool, config_path: Path | None, total: int, log_level: str) -> None:
     """Run the sample app behind the proxy, send traffic through, show what it saw."""
     console = Console()
-    source = config_path or example_path(DEMO_CONFIG)
+    if not console.is_terminal:
+        console = Console(width=WIDE_OUTPUT)  # logs and CI: don't wrap the tables at 80 columns
+    try:
+        source = config_path or example_path(DEMO_CONFIG)
+    except ChildError as exc:
+        raise CliError(str(exc), EXIT_RUNTIME) from exc
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     with tempfile.TemporaryDirectory(prefix="meshlet-demo-") as tmp:
         workdir = Path(tmp)

@@ -21,12 +21,12 @@ class Probe:
 
 
 PROBES: tuple[Probe, ...] = (
-    Probe("ok", "/app/", 50, "routed to the app (prefix rewritten to /)"),
-    Probe("direct", "/hello", 20, "direct_response from the proxy"),
-    Probe("no route", "/nowhere", 10, "no route matches: 404 from the proxy"),
-    Probe("delayed", "/delay/30", 10, "the app answers after 30 ms"),
-    Probe("upstream 503", "/status/503", 8, "the app answers 503, passed through"),
-    Probe("timeout", "/slow/1000", 2, "the app takes 1 s, the route allows 0.25 s: 504"),
+    Probe("ok", "/app/", 50, "routed; /app/ rewritten to /"),
+    Probe("direct", "/hello", 20, "direct_response"),
+    Probe("no route", "/nowhere", 10, "no route: 404"),
+    Probe("delayed", "/delay/30", 10, "app waits 30 ms"),
+    Probe("upstream 503", "/status/503", 8, "app answers 503"),
+    Probe("timeout", "/slow/1000", 2, "app takes 1 s, route allows 0.25 s: 504"),
 )
 
 
