@@ -244,10 +244,11 @@ def compile_tls_certificate(msg: Any, path: str) -> TlsCertificate:
 def parse_certificates(pem: bytes, path: str) -> list[x509.Certificate]:
     try:
         certificates = x509.load_pem_x509_certificates(pem)
-    except ValueError as exc:
-        raise ConfigError(path, f"not a valid PEM certificate: {exc}") from None
+    except ValueError:
+        # cryptography's message points at its FAQ; the field path is what helps here.
+        raise ConfigError(path, "contains no valid PEM certificate") from None
     if not certificates:
-        raise ConfigError(path, "no PEM certificate found")
+        raise ConfigError(path, "contains no valid PEM certificate")
     return certificates
 
 
@@ -256,8 +257,8 @@ def parse_private_key(pem: bytes, path: str) -> PrivateKeyTypes:
         return serialization.load_pem_private_key(pem, password=None)
     except TypeError:
         raise ConfigError(path, "encrypted private keys are not supported yet") from None
-    except ValueError as exc:
-        raise ConfigError(path, f"not a valid PEM private key: {exc}") from None
+    except ValueError:
+        raise ConfigError(path, "not a valid PEM private key") from None
     except UnsupportedAlgorithm as exc:
         raise ConfigError(path, f"unsupported private key type: {exc}") from None
 
