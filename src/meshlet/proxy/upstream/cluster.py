@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from meshlet.config.model import (
     Cluster,
@@ -23,6 +23,8 @@ from meshlet.config.model import (
     UpstreamProtocol,
 )
 from meshlet.errors import UnsupportedConfig
+from meshlet.proxy.http.h1_client import H1ClientConnection
+from meshlet.proxy.http.h2_client import H2ClientConnection
 from meshlet.proxy.http.stream import UpstreamConnection
 from meshlet.proxy.observe.stats import Counter, Scope
 from meshlet.proxy.transport import PLAIN, AppProtocolFactory, SecurityInfo, TransportSocketFactory
@@ -160,13 +162,10 @@ CodecFactory = Callable[[str, Cluster, SecurityInfo], asyncio.BaseProtocol]
 def default_codec(kind: str, cluster: Cluster, security: SecurityInfo) -> asyncio.BaseProtocol:
     """The client codec for a new connection: HTTP/2 for ``http2`` and for
     ``auto`` when ALPN chose h2, HTTP/1.1 otherwise."""
+    buffer_limit = cluster.per_connection_buffer_limit_bytes
     if kind == HTTP2 or (kind == AUTO and security.alpn == "h2"):
-        from meshlet.proxy.http.h2_client import H2ClientConnection
-
-        return cast(asyncio.BaseProtocol, H2ClientConnection(cast(Any, cluster.http2)))
-    from meshlet.proxy.http.h1_client import H1ClientConnection
-
-    return cast(asyncio.BaseProtocol, H1ClientConnection())
+        return H2ClientConnection(cluster.http2, buffer_limit=buffer_limit)
+    return H1ClientConnection(buffer_limit=buffer_limit)
 
 
 def transport_factory(cfg: TransportSocketConfig, default_engine: str) -> TransportSocketFactory:
@@ -362,6 +361,4 @@ class ClusterRuntime:
 
 
 def _is_multiplexed(conn: UpstreamConnection) -> bool:
-    from meshlet.proxy.http.h2_client import H2ClientConnection
-
     return isinstance(conn, H2ClientConnection)

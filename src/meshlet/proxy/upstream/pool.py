@@ -162,7 +162,7 @@ class ConnectionPool:
             if conn.closed:
                 if leases == 0:
                     dead.append(conn)  # the peer closed it while idle
-            elif leases < self._limits[conn] and conn.available:
+            elif leases < self._limits[conn] and conn.available and not self._retired(conn):
                 found = conn
                 break
         for conn in dead:
@@ -231,17 +231,26 @@ class ConnectionPool:
         if conn not in self._leases:
             return
         self._leases[conn] -= 1
-        limit = self.max_requests_per_connection
-        if limit is not None and self._served[conn] >= limit:
-            if self._leases[conn] == 0:
-                self._stats.cx_max_requests.inc()
-            reusable = False
-        if not reusable or conn.closed or self._draining or self._closed:
-            if self._leases[conn] == 0 or not reusable:
+        idle = self._leases[conn] == 0
+        if not reusable and self._limits[conn] > 1 and not conn.closed:
+            # One abandoned stream does not condemn a multiplexed connection.
+            reusable = True
+        retired = self._retired(conn)
+        if not reusable or conn.closed:
+            self._discard(conn)
+        elif retired or self._draining or self._closed:
+            if idle:
+                if retired:
+                    self._stats.cx_max_requests.inc()
                 self._discard(conn)
-        elif self._leases[conn] == 0:
+        elif idle:
             self._arm_idle_timer(conn)
         self._wake_one()
+
+    def _retired(self, conn: UpstreamConnection) -> bool:
+        """Served its ``max_requests_per_connection``: no new requests on it."""
+        limit = self.max_requests_per_connection
+        return limit is not None and self._served[conn] >= limit
 
     # -- connection lifecycle --------------------------------------------- #
 
