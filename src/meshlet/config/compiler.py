@@ -27,6 +27,7 @@ from meshlet.config.context import CompileContext, compiling
 from meshlet.config.fields import allow_fields, check_fields, index, join
 from meshlet.config.filters import compile_http_connection_manager, compile_tcp_proxy
 from meshlet.config.listeners import compile_listener
+from meshlet.config.loader import load_bootstrap
 from meshlet.config.model import (
     AdminConfig,
     HttpConnectionManagerConfig,
@@ -195,6 +196,4 @@ def redact(data: Any) -> Any:
 
 def load_proxy_config(path: str, *, settings_overrides: Mapping[str, str] | None = None) -> ProxyConfig:
     """Read and compile a static bootstrap file (YAML or JSON) in one step."""
-    from meshlet.config.loader import load_bootstrap
-
     return compile_bootstrap(load_bootstrap(path), settings_overrides=settings_overrides)

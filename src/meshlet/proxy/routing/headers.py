@@ -48,7 +48,9 @@ def request_mutations(
     config: RouteConfiguration, vhost: VirtualHost, route: Route
 ) -> tuple[HeaderMutation, ...]:
     """The request mutations in the order Envoy applies them: route, virtual host, route config."""
-    return tuple(m for m in (route.request_headers, vhost.request_headers, config.request_headers) if not m.empty)
+    return tuple(
+        m for m in (route.request_headers, vhost.request_headers, config.request_headers) if not m.empty
+    )
 
 
 def response_mutations(

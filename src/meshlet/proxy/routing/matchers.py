@@ -9,6 +9,7 @@ not) except for a ``present_match`` matcher, unless
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import methodcaller
 from urllib.parse import unquote
 
 from meshlet.config.model import (
@@ -21,8 +22,8 @@ from meshlet.config.model import (
 from meshlet.proxy.http.stream import RequestHead
 
 HeadPredicate = Callable[[RequestHead], bool]
-# (request head, path without query string, raw query string) -> matches
-RoutePredicate = Callable[[RequestHead, str, str], bool]
+# (request head, raw query string) -> matches; checked after the path matched.
+ExtraPredicate = Callable[[RequestHead, str], bool]
 
 GRPC_CONTENT_TYPE = "application/grpc"
 
@@ -119,24 +120,23 @@ def path_predicate(match: RouteMatch) -> Callable[[str], bool]:
         folded = value.lower()
         return lambda path: len(path) == len(folded) and path.lower() == folded
     if match.case_sensitive:
-        return lambda path: path.startswith(value)
+        # methodcaller runs path.startswith(value) without a Python-level frame.
+        return methodcaller("startswith", value)
     folded = value.lower()
     size = len(folded)
     return lambda path: path[:size].lower() == folded
 
 
-def route_predicate(match: RouteMatch) -> RoutePredicate:
-    on_path = path_predicate(match)
+def extra_predicate(match: RouteMatch) -> ExtraPredicate | None:
+    """Header, gRPC and query checks of a route, or None when it has none (the common case)."""
     on_head = [header_predicate(h) for h in match.headers]
     if match.grpc_only:
         on_head.append(is_grpc)
     on_query = [query_predicate(q) for q in match.query_parameters]
     if not on_head and not on_query:
-        return lambda _head, path, _query: on_path(path)
+        return None
 
-    def predicate(head: RequestHead, path: str, query: str) -> bool:
-        if not on_path(path):
-            return False
+    def predicate(head: RequestHead, query: str) -> bool:
         for check in on_head:
             if not check(head):
                 return False

@@ -41,14 +41,16 @@ def redirect_location(head: RequestHead, route: Route) -> str:
         host = action.host
     if action.port is not None:
         port = str(action.port)
-    elif action.scheme is not None and action.scheme != head.scheme and port == _DEFAULT_PORTS.get(head.scheme):
+    elif (
+        action.scheme is not None and action.scheme != head.scheme and port == _DEFAULT_PORTS.get(head.scheme)
+    ):
         # http://a:80 -> https://a, not https://a:80.
         port = None
     if port is not None and port == _DEFAULT_PORTS.get(scheme):
         port = None
     path = head.path
     if action.path is not None:
-        base, query = _split_query(path)
+        query = _split_query(path)[1]
         path = action.path if "?" in action.path else action.path + query
     elif action.prefix_rewrite is not None:
         path = _replace_matched(path, route.match, action.prefix_rewrite)

@@ -9,17 +9,25 @@ before falling back to ``*``. Wildcards match at least one character.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshlet.config.model import Route, RouteConfiguration, VirtualHost
 from meshlet.proxy.http.stream import RequestHead
-from meshlet.proxy.routing.matchers import RoutePredicate, route_predicate
+from meshlet.proxy.routing.matchers import ExtraPredicate, extra_predicate, path_predicate
+
+# (path predicate, header/query predicate or None, route)
+_CompiledRoute = tuple[Callable[[str], bool], ExtraPredicate | None, Route]
 
 
 @dataclass(frozen=True, slots=True)
 class _HostEntry:
     vhost: VirtualHost
-    routes: tuple[tuple[RoutePredicate, Route], ...]
+    routes: tuple[_CompiledRoute, ...]
+
+
+def _compile_routes(vhost: VirtualHost) -> tuple[_CompiledRoute, ...]:
+    return tuple((path_predicate(r.match), extra_predicate(r.match), r) for r in vhost.routes)
 
 
 def _by_length(table: dict[str, _HostEntry]) -> tuple[tuple[int, dict[str, _HostEntry]], ...]:
@@ -39,7 +47,7 @@ def split_port(host: str) -> tuple[str, str | None]:
 
 
 class RouteTable:
-    __slots__ = ("_any", "_exact", "_prefixes", "_suffixes", "config")
+    __slots__ = ("_any", "_exact", "_only_any", "_prefixes", "_suffixes", "config")
 
     def __init__(
         self,
@@ -54,6 +62,8 @@ class RouteTable:
         self._suffixes = _by_length(suffixes)
         self._prefixes = _by_length(prefixes)
         self._any = any_host
+        # A single "*" virtual host (a sidecar's usual shape): no Host parsing at all.
+        self._only_any = not exact and not suffixes and not prefixes
 
     @classmethod
     def build(cls, route_config: RouteConfiguration) -> RouteTable:
@@ -64,7 +74,7 @@ class RouteTable:
         prefixes: dict[str, _HostEntry] = {}
         any_host: _HostEntry | None = None
         for vhost in route_config.virtual_hosts:
-            entry = _HostEntry(vhost, tuple((route_predicate(r.match), r) for r in vhost.routes))
+            entry = _HostEntry(vhost, _compile_routes(vhost))
             for domain in vhost.domains:
                 if domain == "*":
                     any_host = entry
@@ -97,12 +107,14 @@ class RouteTable:
                 query = query[:fragment]
             else:
                 path = path[:fragment]
-        for matches, route in entry.routes:
-            if matches(head, path, query):
+        for path_matches, extra_matches, route in entry.routes:
+            if path_matches(path) and (extra_matches is None or extra_matches(head, query)):
                 return entry.vhost, route
         return None
 
     def _find_host(self, authority: str) -> _HostEntry | None:
+        if self._only_any:
+            return self._any
         host = authority.lower()
         entry = self._find_named(host)
         if entry is None:
