@@ -238,13 +238,18 @@ def run(
     tls_engine: str | None = None,
     regex_engine: str | None = None,
     drain_time: float | None = None,
+    event_loop: str = "uvloop",
 ) -> None:
     """The ``meshlet proxy`` entry point: uvloop, then ``serve`` until shut down.
 
     ``log_level`` is configured by the caller (the CLI); it is accepted here so
-    the CLI can pass its options through unchanged.
+    the CLI can pass its options through unchanged. ``event_loop="asyncio"``
+    runs on the stdlib loop (for comparison and debugging).
     """
-    _install_uvloop()
+    if event_loop == "uvloop":
+        _install_uvloop()
+    elif event_loop != "asyncio":
+        raise ValueError(f"unknown event loop {event_loop!r} (uvloop, asyncio)")
     asyncio.run(serve(
         config_path, admin_port=admin_port, tls_engine=tls_engine, regex_engine=regex_engine,
         drain_time=drain_time,
@@ -269,9 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admin-port", type=int)
     parser.add_argument("--drain-time", type=float)
     parser.add_argument("--tls-engine")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(args.config, admin_port=args.admin_port, drain_time=args.drain_time, tls_engine=args.tls_engine)
+    run(args.config, admin_port=args.admin_port, drain_time=args.drain_time, tls_engine=args.tls_engine,
+        event_loop=args.loop)
     return 0
 
 

@@ -178,6 +178,7 @@ class ListenerSocket:
     def __init__(self, runtime: ListenerRuntime) -> None:
         self.runtime = runtime
         self.server: asyncio.Server | None = None
+        self._bound: tuple[str, int] | None = None
 
     async def bind(self) -> None:
         cfg = self.runtime.config
@@ -195,11 +196,13 @@ class ListenerSocket:
                 f"listeners[{cfg.name}].address", f"cannot listen on {cfg.address}: {exc.strerror or exc}"
             ) from None
 
-    @property
-    def bound(self) -> tuple[str, int]:
-        assert self.server is not None
         host, port = self.server.sockets[0].getsockname()[:2]
-        return host, port
+        self._bound = (host, port)
+
+    @property
+    def bound(self) -> tuple[str, int] | None:
+        """The bound address (the real port when configured with 0), kept after close."""
+        return self._bound
 
     async def start(self) -> None:
         if self.server is not None:
@@ -355,7 +358,7 @@ class ListenerManager:
     def address(self, name: str) -> tuple[str, int] | None:
         """Where listener ``name`` is bound (the real port when configured with 0)."""
         sock = self._sockets.get(name)
-        return sock.bound if sock is not None and sock.server is not None else None
+        return sock.bound if sock is not None else None
 
     @property
     def active_connections(self) -> int:
@@ -366,7 +369,7 @@ class ListenerManager:
         out: list[dict[str, object]] = []
         for name, sock in self._sockets.items():
             cfg = sock.runtime.config
-            host, port = sock.bound if sock.server is not None else (cfg.address.host, cfg.address.port)
+            host, port = sock.bound or (cfg.address.host, cfg.address.port)
             out.append({
                 "name": name,
                 "local_address": {"socket_address": {"address": host, "port_value": port}},
