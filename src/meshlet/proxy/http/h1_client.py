@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import cast
 
 import httptools
 
@@ -166,8 +167,8 @@ class H1ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------- #
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports do not subclass asyncio.Transport, hence the cast.
+        self._transport = transport = cast(asyncio.Transport, transport)
         self._loop = asyncio.get_running_loop()
         self._connected = True
         self.idle_since = time.monotonic()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import httptools
 
@@ -473,8 +474,8 @@ class H1ServerProtocol(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------- #
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports do not subclass asyncio.Transport, hence the cast.
+        self._transport = transport = cast(asyncio.Transport, transport)
         self._loop = asyncio.get_running_loop()
         transport.set_write_buffer_limits(high=min(self._settings.buffer_limit, WRITE_HIGH_WATER))
         self._go_idle()
