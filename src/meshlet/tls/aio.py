@@ -100,7 +100,6 @@ def config_from_context(context: TlsContext) -> TlsConfig:
         alpn_protocols=context.alpn_protocols,
         cipher_suites=_suites(context.cipher_suites),
         groups=_groups(context.ecdh_curves),
-        key_share_groups=_groups(context.ecdh_curves)[:1],
         ticket_keys=TicketKeys() if context.server_side else None,
     )
 
@@ -552,6 +551,8 @@ class _TlsAppTransport(asyncio.Transport):
             return self._conn.alpn or None
         if name == "peercert_chain":
             return self._conn.peer_chain
+        if name == "tls_connection":
+            return self._conn
         return self._raw.get_extra_info(name, default)
 
 

@@ -89,10 +89,15 @@ class ClientHandshake(HandshakeMachine):
         self._certificate_request: CertificateRequest | None = None
         self._ticket_count = 0
 
+    @property
+    def retried(self) -> bool:
+        """Whether the server sent a HelloRetryRequest."""
+        return self._retried
+
     # -- ClientHello -------------------------------------------------------- #
 
     def start(self) -> None:
-        for group in self.config.key_share_groups:
+        for group in self.config.initial_share_groups:
             self._key_exchanges[group] = KeyExchange(group, self.config.random)
         self._send_client_hello(cookie=None)
 

@@ -66,8 +66,9 @@ class TlsConfig:
     alpn_protocols: tuple[str, ...] = ()
     cipher_suites: tuple[int, ...] = DEFAULT_SUITES
     groups: tuple[int, ...] = DEFAULT_GROUPS
-    # Client: groups we send a key share for up front (others cost an HRR).
-    key_share_groups: tuple[int, ...] = (Group.x25519,)
+    # Client: groups we send a key share for up front (others cost an HRR);
+    # None: the first of ``groups``.
+    key_share_groups: tuple[int, ...] | None = None
     signature_schemes: tuple[int, ...] = tuple(HANDSHAKE_SCHEMES)
     certificate_schemes: tuple[int, ...] = tuple(CERTIFICATE_SCHEMES)
     # Server: issue tickets sealed with these keys (None: no resumption).
@@ -90,7 +91,7 @@ class TlsConfig:
         for group in self.groups:
             if group not in Group._value2member_map_:
                 raise ValueError(f"group {group:#06x} is not supported")
-        if not set(self.key_share_groups) <= set(self.groups):
+        if not set(self.initial_share_groups) <= set(self.groups):
             raise ValueError("key_share_groups must be a subset of groups")
         if self.record_size_limit is not None and not 64 <= self.record_size_limit <= MAX_PLAINTEXT + 1:
             raise ValueError("record_size_limit must be in [64, 16385]")
@@ -103,6 +104,10 @@ class TlsConfig:
             usable = set(schemes_for_key(leaf.public_key()))
             if not usable & set(self.signing_schemes):
                 raise ValueError("the key handle cannot sign with any scheme this certificate supports")
+
+    @property
+    def initial_share_groups(self) -> tuple[int, ...]:
+        return self.key_share_groups if self.key_share_groups is not None else self.groups[:1]
 
     @property
     def signing_schemes(self) -> tuple[int, ...]:

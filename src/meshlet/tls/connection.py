@@ -17,7 +17,7 @@ from meshlet.tls.client import ClientHandshake
 from meshlet.tls.codec import HandshakeBuffer
 from meshlet.tls.config import TlsConfig
 from meshlet.tls.crypto import CipherSuite
-from meshlet.tls.events import AlertReceived, ApplicationData, ConnectionFailed, Event
+from meshlet.tls.events import AlertReceived, ApplicationData, ConnectionFailed, Event, KeyUpdated
 from meshlet.tls.record import ContentType, RecordLayer
 from meshlet.tls.server import ServerHandshake
 from meshlet.tls.state import HandshakeMachine
@@ -48,6 +48,7 @@ class TlsConnection:
         self._sent_close = False
         self._seen_change_cipher_spec = False
         self.failure: ConnectionFailed | None = None
+        self.key_updates_received = 0
         self._machine: HandshakeMachine
         if client:
             machine = ClientHandshake(config, self, server_name=server_name, session=session)
@@ -80,6 +81,8 @@ class TlsConnection:
         self._records.early_data_budget = budget
 
     def emit(self, event: Event) -> None:
+        if isinstance(event, KeyUpdated):
+            self.key_updates_received += 1
         self._events.append(event)
 
     # -- state ----------------------------------------------------------------- #

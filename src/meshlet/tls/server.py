@@ -70,6 +70,11 @@ class ServerHandshake(HandshakeMachine):
         self._requested_client_certificate = False
         self._ticket_state: TicketState | None = None
 
+    @property
+    def retried(self) -> bool:
+        """Whether we sent a HelloRetryRequest."""
+        return self._retry_group != 0
+
     # -- ClientHello ---------------------------------------------------------- #
 
     def _on_client_hello(self, message: Message, raw: bytes) -> None:
