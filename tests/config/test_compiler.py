@@ -1148,3 +1148,41 @@ def test_duplicate_cluster_names() -> None:
     data = base()
     data["static_resources"]["clusters"].append(copy.deepcopy(cluster(data)))
     assert str(refusal(data)).startswith("static_resources.clusters[1].name: duplicate name 'app'")
+
+
+# --------------------------------------------------------------------------- #
+# One resource at a time (as xDS delivers them)
+# --------------------------------------------------------------------------- #
+
+
+def test_single_resources_compile_without_a_bootstrap() -> None:
+    from meshlet.config.compiler import compile_cluster_load_assignment, compile_listener
+    from meshlet.config.loader import parse_resource
+
+    data = base()
+    # Clusters arrive separately over xDS, so route targets are not checked here.
+    first_route(data)["route"]["cluster"] = "arrives-later"
+    listener_msg = parse_resource(
+        "type.googleapis.com/envoy.config.listener.v3.Listener", data["static_resources"]["listeners"][0]
+    )
+    listener = compile_listener(listener_msg, "listener")
+    manager = listener.filter_chains[0].filters[0]
+    assert isinstance(manager, HttpConnectionManagerConfig) and manager.route_config is not None
+    action = manager.route_config.virtual_hosts[0].routes[0].action
+    assert isinstance(action, ClusterAction) and action.cluster == "arrives-later"
+    cla_msg = parse_resource(
+        "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+        cluster(data)["load_assignment"],
+    )
+    cla = compile_cluster_load_assignment(cla_msg, "cla")
+    assert cla.cluster_name == "app"
+    assert [str(e.address) for e in cla.all_endpoints()] == ["127.0.0.1:8080"]
+    unnamed = parse_resource("type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment", {})
+    with pytest.raises(ConfigError, match=r"^cla\.cluster_name: is required$"):
+        compile_cluster_load_assignment(unnamed, "cla")
+
+
+def test_negative_durations_are_refused() -> None:
+    data = base()
+    hcm(data)["request_timeout"] = "-1s"
+    assert str(refusal(data)) == f"{HCM_PATH}.request_timeout: must not be negative"
