@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from pathlib import Path
 
@@ -55,7 +56,7 @@ HCM_TYPE = (
 
 def bootstrap_yaml(
     *, listener_port: int, upstream_port: int, admin_port: int | None = None, hello: str = "v1",
-    private_key_pem: str | None = None,
+    tls_cert_pem: str | None = None, tls_key_pem: str | None = None,
 ) -> str:
     admin = ""
     if admin_port is not None:
@@ -64,6 +65,18 @@ admin:
   address:
     socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
 """
+    tls = ""
+    if tls_cert_pem and tls_key_pem:
+        # JSON strings are valid YAML scalars and keep the PEM newlines.
+        tls = f"""
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            tls_certificates:
+            - certificate_chain: {{ inline_string: {json.dumps(tls_cert_pem)} }}
+              private_key: {{ inline_string: {json.dumps(tls_key_pem)} }}"""
     return f"""{admin}
 node: {{ id: test-node, cluster: test-cluster }}
 static_resources:
@@ -72,7 +85,8 @@ static_resources:
     address:
       socket_address: {{ address: 127.0.0.1, port_value: {listener_port} }}
     filter_chains:
-    - filters:
+    - {tls}
+      filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": {HCM_TYPE}
