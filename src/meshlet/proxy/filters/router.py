@@ -126,8 +126,9 @@ def request_body(body: BodyStream) -> BodyStream | None:
 class Router(TerminalFilter):
     name = ROUTER_NAME
 
-    def __init__(self, runtime: ProxyRuntime) -> None:
+    def __init__(self, runtime: ProxyRuntime, *, suppress_envoy_headers: bool = False) -> None:
         self._runtime = runtime
+        self._envoy_headers = not suppress_envoy_headers
 
     async def serve(self, ctx: RequestContext) -> None:
         route = ctx.route
@@ -168,19 +169,23 @@ class Router(TerminalFilter):
         if host is None:
             await self._reply(ctx, NO_HEALTHY_UPSTREAM)
             return
-        self._finalize_request(ctx, route, action, host)
+        self._finalize_request(ctx, route, action, host, self._envoy_headers)
         assert ctx.vhost is not None
-        exchange = _Exchange(ctx, cluster, host, ctx.responder.route_stats(ctx.vhost, route))
+        route_stats = ctx.responder.route_stats(ctx.vhost, route)
+        exchange = _Exchange(ctx, cluster, host, route_stats, self._envoy_headers)
         idle_timeout = action.idle_timeout or ctx.responder.stream_idle_timeout
         await exchange.run(self._timeout(ctx, action), idle_timeout)
 
     @staticmethod
-    def _finalize_request(ctx: RequestContext, route: Route, action: ClusterAction, host: Host) -> None:
+    def _finalize_request(
+        ctx: RequestContext, route: Route, action: ClusterAction, host: Host, envoy_headers: bool
+    ) -> None:
         head = ctx.head
         if action.prefix_rewrite is not None:
             new_path = rewrite_path(head.path, route)
             if new_path != head.path:
-                head.headers.append(("x-envoy-original-path", head.path))
+                if envoy_headers:
+                    head.headers.append(("x-envoy-original-path", head.path))
                 head.path = new_path
         if action.host_rewrite_literal:
             head.authority = action.host_rewrite_literal
@@ -204,12 +209,28 @@ class Router(TerminalFilter):
 class _Exchange:
     """One attempt at one upstream host."""
 
-    __slots__ = ("_cluster", "_ctx", "_host", "_lease", "_response", "_route_stats", "_sent_at", "_watchdog")
+    __slots__ = (
+        "_cluster",
+        "_ctx",
+        "_envoy_headers",
+        "_host",
+        "_lease",
+        "_response",
+        "_route_stats",
+        "_sent_at",
+        "_watchdog",
+    )
 
     def __init__(
-        self, ctx: RequestContext, cluster: ClusterRuntime, host: Host, route_stats: RouteStats
+        self,
+        ctx: RequestContext,
+        cluster: ClusterRuntime,
+        host: Host,
+        route_stats: RouteStats,
+        envoy_headers: bool,
     ) -> None:
         self._ctx = ctx
+        self._envoy_headers = envoy_headers
         self._cluster = cluster
         self._host = host
         self._route_stats = route_stats
@@ -270,7 +291,8 @@ class _Exchange:
         elapsed_ms = (time.monotonic() - self._sent_at) * 1000
         self._cluster.stats.response(head.status, elapsed_ms)
         self._route_stats.response(head.status, elapsed_ms)
-        head.headers.append(("x-envoy-upstream-service-time", str(int(elapsed_ms))))
+        if self._envoy_headers:
+            head.headers.append(("x-envoy-upstream-service-time", str(int(elapsed_ms))))
         if head.status == 101:
             watchdog.drop_deadline()
         ends_now = body.ended and body.buffered == 0 and not body.trailers
@@ -331,7 +353,9 @@ class _Exchange:
 
 
 def _router_factory(cfg: HttpFilterConfig, runtime: ProxyRuntime, path: str) -> Router:
-    return Router(runtime)
+    # cfg.config is the compiler's RouterFilterConfig (absent when built directly).
+    suppress = bool(getattr(cfg.config, "suppress_envoy_headers", False))
+    return Router(runtime, suppress_envoy_headers=suppress)
 
 
 register_http_filter(ROUTER_NAME, _router_factory, [ROUTER_TYPE_URL])
