@@ -140,7 +140,10 @@ class H1ClientConnection(asyncio.Protocol):
                 "REFUSED_STREAM", "CONNECT to an HTTP/1.1 upstream is not supported", local=True
             )
         assert self._transport is not None and self._loop is not None
-        data, framing, length = _encode_request(head, body)
+        try:
+            data, framing, length = _encode_request(head, body)
+        except ValueError as exc:
+            raise StreamReset("INTERNAL_ERROR", f"request not sent: {exc}", local=True) from None
         self._start_exchange(head.method)
         waiter = self._head_waiter = self._loop.create_future()
         if framing == _NO_BODY or body is None:
@@ -288,23 +291,26 @@ class H1ClientConnection(asyncio.Protocol):
     # -- response side ------------------------------------------------------------ #
 
     def _feed(self, data: bytes) -> None:
-        if self._body is None:
+        counting = self._body is None
+        if counting:
             self._raw_head_bytes += len(data)
-            if self._raw_head_bytes > self._max_head:
-                self._protocol_error("response headers too large")
-                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             rest = data[int(upgrade.args[0]) :]
             if rest and self._body is not None:
                 self._body.feed(rest)
+            return
         except Exception as exc:  # whatever the upstream sent, data_received must not raise
             cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
             if isinstance(cause, HeadTooLarge):
                 self._protocol_error("response headers too large")
             else:
                 self._protocol_error(f"malformed response: {cause or exc}")
+            return
+        # llhttp holds a partial header line internally; this bounds it.
+        if counting and self._body is None and self._raw_head_bytes > self._max_head:
+            self._protocol_error("response headers too large")
 
     def _feed_head_only(self, data: bytes) -> None:
         """Responses to HEAD: httptools cannot be told there is no body, so
@@ -474,11 +480,12 @@ def _encode_request(head: RequestHead, body: BodyStream | None) -> tuple[bytes, 
         lines.append(f"{k}: {v}\r\n")
     length: int | None = None
     if upgrade and connection_upgrade:
-        lines.append(f"connection: upgrade\r\nupgrade: {upgrade}\r\n")
+        lines.append("connection: upgrade\r\n")
+        lines.append(f"upgrade: {upgrade}\r\n")
         framing = _AFTER_UPGRADE
     elif content_length is not None:
         if not content_length.isdigit():
-            raise StreamReset("INTERNAL_ERROR", f"invalid content-length {content_length!r}", local=True)
+            raise ValueError(f"invalid content-length {content_length!r}")
         length = int(content_length)
         framing = _LENGTH if length else _NO_BODY
     elif body is None or (body.ended and not body.buffered and not body.trailers):
