@@ -56,13 +56,27 @@ async def meshlet_server(
         await server.wait_closed()
 
 
+class EarlyBytes(asyncio.Protocol):
+    """Placeholder protocol until the codec is installed: the server speaks
+    first (SETTINGS), and under uvloop pausing in connection_made did not
+    stop those bytes from arriving, so they are kept and handed to the codec."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+
 async def connect(port: int, client: H2ClientConnection | None = None) -> H2ClientConnection:
     """The way the upstream pool does it: raw TCP, then the transport socket installs the codec."""
     loop = asyncio.get_running_loop()
-    raw, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+    raw, early = await loop.create_connection(EarlyBytes, "127.0.0.1", port)
     conn = client or H2ClientConnection()
     proto = await PLAIN.connect(raw, lambda _security: conn, timeout=5)
     assert proto is conn
+    if early.data:
+        conn.data_received(early.data)
     await conn.wait_connected(5)
     return conn
 
@@ -437,3 +451,24 @@ async def test_window_settings_are_advertised() -> None:
     conn = H2ClientConnection(settings)
     assert conn._conn.local_settings[SettingCodes.INITIAL_WINDOW_SIZE] == 100_000
     assert conn._conn.local_settings[SettingCodes.ENABLE_PUSH] == 0
+
+
+def test_client_under_uvloop() -> None:
+    import uvloop
+
+    async def scenario() -> None:
+        async with meshlet_server(echo) as (port, _):
+            conn = await connect(port)
+            try:
+                responses = await asyncio.gather(
+                    *(
+                        conn.request(RequestHead("POST", "http", "u", "/"), BodyStream.of(b"%d" % i))
+                        for i in range(50)
+                    )
+                )
+                bodies = [await r.body.read_all(100) for r in responses]
+                assert bodies == [b"%d" % i for i in range(50)]
+            finally:
+                conn.close()
+
+    uvloop.run(scenario())

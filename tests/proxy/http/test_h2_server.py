@@ -577,3 +577,22 @@ def test_rst_frame_helper_sanity() -> None:
         + RstStreamFrame(1).serialize()
     )
     assert goaway_code(data) == 7
+
+
+@pytest.mark.interop
+def test_serves_under_uvloop() -> None:
+    import uvloop
+
+    async def scenario() -> None:
+        async with serve(hello) as srv:
+            urls = [f"http://127.0.0.1:{srv.port}/u{i}" for i in range(5)]
+            # (curl 7.88 cannot reuse a prior-knowledge connection, even with nghttpd.)
+            rc, out, err = await run("nghttp", *urls)
+            assert rc == 0, err
+            assert out.count(b"hello GET /u") == 5
+            rc, out, err = await run(
+                "h2load", "-n", "200", "-c", "2", "-m", "5", f"http://127.0.0.1:{srv.port}/"
+            )
+            assert rc == 0 and b"200 succeeded" in out, err
+
+    uvloop.run(scenario())

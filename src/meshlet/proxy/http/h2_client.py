@@ -10,6 +10,7 @@ streams into a ``BodyStream`` acknowledged only as it is read.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterable
 
@@ -46,6 +47,8 @@ from meshlet.proxy.http.stream import (
     StreamReset,
     UpstreamResponse,
 )
+
+log = logging.getLogger(__name__)
 
 _H2_DEFAULT_WINDOW = 65535
 _HIGHEST_STREAM_ID = 2**31 - 1
@@ -255,8 +258,16 @@ class H2ClientConnection(H2Endpoint):
             )
             self._transport.close()
             return
-        for event in events:
-            self._dispatch(event)
+        try:
+            for event in events:
+                self._dispatch(event)
+        except Exception as exc:
+            log.exception("HTTP/2 upstream connection: internal error")
+            self._conn.send_goaway(self._conn.highest_inbound_stream_id, int(ErrorCodes.INTERNAL_ERROR))
+            self.flush()
+            self._fail_all(StreamReset("INTERNAL_ERROR", f"internal error: {exc}", local=True))
+            self._transport.close()
+            return
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:

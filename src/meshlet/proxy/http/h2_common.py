@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -33,6 +33,8 @@ DEFAULT_STALL_TIMEOUT = 300.0
 
 # Flush the h2 output buffer at least every this many bytes while sending a body.
 _FLUSH_EVERY = 256 * 1024
+# A send smaller than this is left for the coalesced end-of-turn write.
+_FLUSH_NOW = 16 * 1024
 
 _UNLIMITED_STREAMS = 2**32 + 1
 
@@ -148,6 +150,10 @@ class H2StreamState:
         body.on_consumed = self._consumed
 
     def received(self, data: bytes, flow_controlled_length: int) -> None:
+        if self.released:
+            # Nobody will read it: give the connection window back at once.
+            self._endpoint.acknowledge(self.stream_id, flow_controlled_length)
+            return
         self.unacked += flow_controlled_length
         self.body.feed(data)
         padding = flow_controlled_length - len(data)
@@ -220,8 +226,9 @@ class H2Endpoint(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------- #
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's and the TLS adapters' transports are not asyncio.Transport
+        # subclasses, but they provide its interface.
+        self._transport = cast(asyncio.Transport, transport)
         self._loop = asyncio.get_running_loop()
 
     def pause_writing(self) -> None:
@@ -271,7 +278,12 @@ class H2Endpoint(asyncio.Protocol):
         if total == 0 and end_stream:
             self._check_sendable(state)
             conn.end_stream(sid)
-        self.flush()
+        if unflushed >= _FLUSH_NOW:
+            self.flush()
+        else:
+            # Small sends of many streams share one write at the end of this
+            # loop turn; the unflushed output stays below streams x _FLUSH_NOW.
+            self.schedule_flush()
         await self._wait_writable(state)
 
     def _check_sendable(self, state: H2StreamState) -> None:
