@@ -170,13 +170,15 @@ async def test_server_certificate_kind_and_group(pki: MiniPki, kind: str, group:
 def _blocking_client(
     port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None
 ) -> tuple[bool, ssl.SSLSession]:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
-            tls.sendall(b"ping")
-            assert tls.recv(4) == b"ping"
-            reused, new_session = tls.session_reused, tls.session
-            assert new_session is not None
-            return reused, new_session
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+    ):
+        tls.sendall(b"ping")
+        assert tls.recv(4) == b"ping"
+        reused, new_session = tls.session_reused, tls.session
+        assert new_session is not None
+        return reused, new_session
 
 
 async def test_server_mutual_tls_and_resumption(pki: MiniPki) -> None:
