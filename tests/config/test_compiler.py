@@ -417,7 +417,9 @@ def test_router_fields() -> None:
 def test_router_without_typed_config_is_accepted_by_name() -> None:
     data = base()
     hcm(data)["http_filters"] = [{"name": "envoy.filters.http.router"}]
-    assert isinstance(the_hcm(compile_data(data)).http_filters[0].config, RouterFilterConfig)
+    router = the_hcm(compile_data(data)).http_filters[0]
+    assert isinstance(router.config, RouterFilterConfig)
+    assert router.type_url == ROUTER["typed_config"]["@type"]
 
 
 def test_unknown_network_filter() -> None:

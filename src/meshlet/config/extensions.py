@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 from meshlet.config.fields import join
 from meshlet.config.loader import TYPE_URL_PREFIX, new_message, type_name
 from meshlet.errors import ConfigError, UnsupportedConfig
-from meshlet.registry import registry
+from meshlet.registry import Extension, registry
 
 
 def type_url_of(message_class: Any) -> str:
@@ -29,11 +29,14 @@ def unpack_any(any_msg: Any, path: str) -> Message:
     return message
 
 
-def compile_extension(category: str, owner: Any, path: str, *, name_field: str = "name") -> Any:
-    """Compile ``owner``'s ``typed_config`` (an Any) with the registered ``category`` extension.
+def resolve_extension(
+    category: str, owner: Any, path: str, *, name_field: str = "name"
+) -> tuple[Extension, Any]:
+    """The registered extension for ``owner`` and its unpacked ``typed_config``.
 
     ``owner`` is the message holding ``name`` and ``typed_config`` (a Filter,
-    an HttpFilter, an AccessLog, a TransportSocket, a ListenerFilter).
+    an HttpFilter, an AccessLog, a TransportSocket, a ListenerFilter). Without
+    a ``typed_config`` the extension gets a default instance of its first type.
     """
     name = getattr(owner, name_field)
     config_path = join(path, "typed_config")
@@ -46,9 +49,13 @@ def compile_extension(category: str, owner: Any, path: str, *, name_field: str =
             f"{category.replace('_', ' ')} {name!r} does not take {type_name(type_url)}",
         )
     if has_config:
-        message = unpack_any(owner.typed_config, config_path)
-    elif ext.type_urls:
-        message = new_message(ext.type_urls[0], config_path)
-    else:
-        message = None
-    return ext.factory(message, config_path)
+        return ext, unpack_any(owner.typed_config, config_path)
+    if ext.type_urls:
+        return ext, new_message(ext.type_urls[0], config_path)
+    return ext, None
+
+
+def compile_extension(category: str, owner: Any, path: str, *, name_field: str = "name") -> Any:
+    """Compile ``owner``'s ``typed_config`` with the registered ``category`` extension's factory."""
+    ext, message = resolve_extension(category, owner, path, name_field=name_field)
+    return ext.factory(message, join(path, "typed_config"))

@@ -12,7 +12,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from meshlet.config import context
 from meshlet.config.access_log import compile_access_logs
-from meshlet.config.extensions import compile_extension, type_url_of
+from meshlet.config.extensions import compile_extension, resolve_extension, type_url_of
 from meshlet.config.fields import allow_fields, check_enum, check_fields, duration_field, index, join, wrapped
 from meshlet.config.model import (
     CodecType,
@@ -151,7 +151,8 @@ def compile_http_filters(filters: Sequence[Any], path: str) -> tuple[HttpFilterC
         check_fields(f, filter_path)
         if not f.name:
             raise ConfigError(join(filter_path, "name"), "is required")
-        config = compile_extension(HTTP_FILTER, f, filter_path)
+        ext, message = resolve_extension(HTTP_FILTER, f, filter_path)
+        config = ext.factory(message, join(filter_path, "typed_config"))
         is_router = isinstance(config, RouterFilterConfig)
         if is_router and i != len(filters) - 1:
             raise ConfigError(filter_path, f"{ROUTER_NAME} must be the last HTTP filter")
@@ -159,7 +160,7 @@ def compile_http_filters(filters: Sequence[Any], path: str) -> tuple[HttpFilterC
             raise ConfigError(filter_path, f"the last HTTP filter must be {ROUTER_NAME}, not {f.name!r}")
         if is_router and f.disabled:
             raise ConfigError(join(filter_path, "disabled"), f"{ROUTER_NAME} cannot be disabled")
-        type_url = f.typed_config.type_url if f.HasField("typed_config") else ""
+        type_url = f.typed_config.type_url if f.HasField("typed_config") else next(iter(ext.type_urls), "")
         compiled.append(HttpFilterConfig(name=f.name, type_url=type_url, config=config, disabled=f.disabled))
     return tuple(compiled)
 
