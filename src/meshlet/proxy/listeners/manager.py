@@ -45,6 +45,7 @@ from meshlet.proxy.transport import ConnectionInfo, TransportSocketFactory
 log = logging.getLogger(__name__)
 
 _BACKLOG = 1024
+SUPPORTED_LISTENER_FILTERS = frozenset({"envoy.filters.listener.tls_inspector"})
 # How often connections whose close went unnoticed (a codec replaced our
 # tracking protocol) are swept from the books.
 _SWEEP_INTERVAL = 2.0
@@ -117,6 +118,11 @@ class ListenerRuntime:
     ) -> None:
         self.config = config
         self.proxy = proxy
+        for i, name in enumerate(config.listener_filters):
+            if name not in SUPPORTED_LISTENER_FILTERS:
+                raise UnsupportedConfig(
+                    f"{path}.listener_filters[{i}]", f"listener filter {name!r} is not supported"
+                )
         try:
             self.selector = FilterChainSelector(config.filter_chains, config.default_filter_chain)
         except ConfigError as exc:

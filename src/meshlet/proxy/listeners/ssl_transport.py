@@ -188,9 +188,14 @@ class SslConnection(asyncio.Protocol):
     def _read_plaintext(self) -> None:
         app = self._app
         assert app is not None
+        incoming = self._incoming
+        sslobj = self._ssl
         while self._app_reading and not self._closing:
+            # Skip the read that could only raise SSLWantReadError (exceptions are costly).
+            if not incoming.pending and not sslobj.pending():
+                break
             try:
-                chunk = self._ssl.read(_READ_CHUNK)
+                chunk = sslobj.read(_READ_CHUNK)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
