@@ -312,3 +312,20 @@ async def test_drain_deadline_aborts(harness: Harness) -> None:
     assert await m.drain(0.1) is False
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+async def test_meshlet_tls_engine_behind_the_inspector(harness: Harness, pki: Pki) -> None:
+    """The listener hands the inspected ClientHello to meshlet's own TLS engine too."""
+    tls = tls_socket(server_tls(pki, alpn=("http/1.1",), engine="meshlet"))
+    await harness.manager.update({"own": listener(
+        "own", chain("own-tls", tls, server_names=("localhost",)),
+        listener_filters=(TLS_INSPECTOR,), stat_prefix="own",
+    )})
+    ctx = client_ctx(pki, ["http/1.1"])
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    line, reader, writer = await greet(harness.port("own"), ssl_ctx=ctx, sni="localhost")
+    assert line.startswith("own-tls chain=own-tls sni=localhost alpn=http/1.1")
+    writer.write(b"through meshlet tls\n")
+    assert await asyncio.wait_for(reader.readline(), 5) == b"through meshlet tls\n"
+    writer.close()
+    assert harness.stat("listener.own.ssl.handshake") == 1
