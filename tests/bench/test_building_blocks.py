@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -184,3 +185,30 @@ def test_fetch_one_request() -> None:
         assert (status, size) == (200, 100)
     finally:
         upstream.stop()
+
+
+def test_children_die_with_a_killed_harness(tmp_path: os.PathLike[str]) -> None:
+    """A harness killed with SIGKILL cannot stop its children; the kernel does (PDEATHSIG)."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import time\nfrom meshlet.bench.apps import start_upstream\n"
+              "child, port = start_upstream()\nprint(child.pid, flush=True)\ntime.sleep(30)\n")
+    harness = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert harness.stdout is not None
+        child_pid = int(harness.stdout.readline())
+    finally:
+        harness.send_signal(signal.SIGKILL)
+        harness.wait(5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{child_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":  # exited, waiting for init to reap it
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"child {child_pid} outlived its harness")

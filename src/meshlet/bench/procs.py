@@ -6,6 +6,7 @@ wait has a deadline, so a harness never leaves a process behind or hangs.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from typing import IO
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LOOPBACK = "127.0.0.1"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ChildError(RuntimeError):
@@ -97,6 +99,7 @@ class Child:
                 stderr=self._log_file if self._log_file is not None else subprocess.DEVNULL,
                 env=self._env,
                 start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop children in order
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             self._close_log()
@@ -183,6 +186,16 @@ class Child:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it if the harness dies without stopping it
+    (SIGKILL, a crash), so no orphan keeps a port."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: children are still stopped on every normal exit path
 
 
 # --------------------------------------------------------------------------- #
