@@ -131,7 +131,7 @@ def test_server_refuses_out_of_order_or_malformed_first_message(
         (_tls13_extensions(), b"\x00\x01", A.illegal_parameter),
         (_tls13_extensions()[:1] + _tls13_extensions()[3:], b"\x00", A.missing_extension),
         (
-            _tls13_extensions((ExtensionType.pre_shared_key, b"")) + ((ExtensionType.padding, b""),),
+            (*_tls13_extensions((ExtensionType.pre_shared_key, b"")), (ExtensionType.padding, b"")),
             b"\x00",
             A.illegal_parameter,
         ),
@@ -399,7 +399,7 @@ def test_unknown_critical_certificate_extension(pki: MiniPki) -> None:
 
 def test_zero_rtt_is_refused_and_skipped(pki: MiniPki) -> None:
     """A client offering early data gets a 1-RTT handshake; its 0-RTT records are skipped."""
-    server, keys = _server(pki)
+    server, _keys = _server(pki)
     hello = _hello(_tls13_extensions((ExtensionType.early_data, b"")))
     events = server.receive_data(_handshake(hello) + _record(23, b"\x42" * 100))
     assert [type(e).__name__ for e in events] == ["SignatureRequired"]

@@ -399,6 +399,8 @@ class ClientHello:
     compression_methods: bytes
     extensions: tuple[Extension, ...]
     legacy_version: int = LEGACY_VERSION
+    # A pre-TLS-1.3 hello may end without an extensions block at all.
+    without_extensions_block: bool = False
 
     def serialize(self) -> bytes:
         body = b"".join(
@@ -408,7 +410,7 @@ class ClientHello:
                 vec8(self.session_id),
                 vec16(u16_list(self.cipher_suites)),
                 vec8(self.compression_methods),
-                serialize_extensions(self.extensions),
+                b"" if self.without_extensions_block else serialize_extensions(self.extensions),
             )
         )
         return handshake_message(HandshakeType.client_hello, body)
@@ -424,6 +426,7 @@ def parse_client_hello(body: bytes) -> ClientHello:
         raise decode_error("odd cipher_suites length")
     compression = reader.vector(1, minimum=1)
     # A ClientHello without extensions is valid TLS 1.0-1.2; it offers no TLS 1.3.
+    no_block = reader.eof()
     extensions = parse_extensions(reader, allow_empty_block=True)
     reader.expect_end("ClientHello")
     return ClientHello(
@@ -433,6 +436,7 @@ def parse_client_hello(body: bytes) -> ClientHello:
         compression,
         extensions,
         legacy_version,
+        no_block,
     )
 
 
@@ -444,6 +448,7 @@ class ServerHello:
     extensions: tuple[Extension, ...]
     compression_method: int = 0
     legacy_version: int = LEGACY_VERSION
+    without_extensions_block: bool = False
 
     @property
     def is_retry_request(self) -> bool:
@@ -457,7 +462,7 @@ class ServerHello:
                 vec8(self.session_id),
                 u16(self.cipher_suite),
                 bytes((self.compression_method,)),
-                serialize_extensions(self.extensions),
+                b"" if self.without_extensions_block else serialize_extensions(self.extensions),
             )
         )
         return handshake_message(HandshakeType.server_hello, body)
@@ -470,9 +475,10 @@ def parse_server_hello(body: bytes) -> ServerHello:
     session_id = reader.vector(1, maximum=32)
     suite = reader.uint16()
     compression = reader.uint8()
+    no_block = reader.eof()
     extensions = parse_extensions(reader, allow_empty_block=True)
     reader.expect_end("ServerHello")
-    return ServerHello(random, session_id, suite, extensions, compression, legacy_version)
+    return ServerHello(random, session_id, suite, extensions, compression, legacy_version, no_block)
 
 
 @dataclass(frozen=True, slots=True)
