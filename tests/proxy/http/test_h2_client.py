@@ -7,10 +7,13 @@ import asyncio
 import contextlib
 import shutil
 import socket
+import struct
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import h2.config
 import h2.events
 import pytest
@@ -472,3 +475,74 @@ def test_client_under_uvloop() -> None:
                 conn.close()
 
     uvloop.run(scenario())
+
+
+# -- against grpcio's server ------------------------------------------------------- #
+
+
+@contextlib.contextmanager
+def grpc_server() -> Iterator[int]:
+    def echo_unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return request
+
+    def count(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        for i in range(int(request)):
+            yield b"m%d" % i
+
+    def missing(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        raise AssertionError("unreachable")
+
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(echo_unary),
+        "Count": grpc.unary_stream_rpc_method_handler(count),
+        "Missing": grpc.unary_unary_rpc_method_handler(missing),
+    }
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.S", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(grace=None)
+
+
+def grpc_request(method: str, message: bytes) -> tuple[RequestHead, BodyStream]:
+    head = RequestHead(
+        "POST", "http", "grpc.test", f"/t.S/{method}",
+        [("content-type", "application/grpc"), ("te", "trailers")],
+    )  # fmt: skip
+    return head, BodyStream.of(b"\x00" + struct.pack(">I", len(message)) + message)
+
+
+def grpc_messages(data: bytes) -> list[bytes]:
+    out = []
+    while data:
+        (size,) = struct.unpack(">I", data[1:5])
+        out.append(data[5 : 5 + size])
+        data = data[5 + size :]
+    return out
+
+
+@pytest.mark.interop
+async def test_grpcio_server_unary_streaming_and_status_trailers() -> None:
+    with grpc_server() as port:
+        conn = await connect(port)
+        try:
+            echo_rsp = await conn.request(*grpc_request("Echo", b"ping"))
+            assert echo_rsp.head.status == 200
+            assert grpc_messages(await echo_rsp.body.read_all(1 << 16)) == [b"ping"]
+            assert dict(echo_rsp.body.trailers or [])["grpc-status"] == "0"
+
+            count_rsp = await conn.request(*grpc_request("Count", b"4"))
+            assert grpc_messages(await count_rsp.body.read_all(1 << 16)) == [b"m0", b"m1", b"m2", b"m3"]
+            assert dict(count_rsp.body.trailers or [])["grpc-status"] == "0"
+
+            missing = await conn.request(*grpc_request("Missing", b""))
+            await missing.body.read_all(1 << 16)
+            # Trailers-only: the status travels in the head.
+            status = missing.head.get("grpc-status") or dict(missing.body.trailers or []).get("grpc-status")
+            assert status == str(grpc.StatusCode.NOT_FOUND.value[0])
+        finally:
+            conn.close()

@@ -189,6 +189,7 @@ class H2ClientConnection(H2Endpoint):
             response = await exchange.response
         except asyncio.CancelledError:
             self.reset_stream(state, StreamReset("CANCEL", "request cancelled", local=True))
+            self._stop_sender(exchange)
             self._forget(exchange)
             raise
         return UpstreamResponse(response, state.body)
@@ -332,6 +333,7 @@ class H2ClientConnection(H2Endpoint):
         who = "upstream" if event.remote_reset else "protocol error in the upstream's stream"
         exchange.fail(StreamReset(code, f"stream reset by the {who}", local=not event.remote_reset))
         self.wake_window(event.stream_id)
+        self._stop_sender(exchange)
         self._forget(exchange)
 
     def _on_goaway(self, event: ConnectionTerminated) -> None:
@@ -341,6 +343,7 @@ class H2ClientConnection(H2Endpoint):
         for sid, exchange in list(self._exchanges.items()):
             if sid > event.last_stream_id:
                 exchange.fail(refused)
+                self._stop_sender(exchange)
                 self._forget(exchange)
         if event.error_code != ErrorCodes.NO_ERROR:
             error = StreamReset(error_name(event.error_code), "upstream GOAWAY with an error")
@@ -348,6 +351,13 @@ class H2ClientConnection(H2Endpoint):
         self._close_if_drained()
 
     # -- bookkeeping ----------------------------------------------------------- #
+
+    @staticmethod
+    def _stop_sender(exchange: _Exchange) -> None:
+        """The request body has nowhere to go: stop waiting for it."""
+        sender = exchange.sender
+        if sender is not None and not sender.done() and sender is not asyncio.current_task():
+            sender.cancel()
 
     def _forget_if_done(self, exchange: _Exchange) -> None:
         if exchange.response_ended and exchange.request_done:
@@ -367,7 +377,6 @@ class H2ClientConnection(H2Endpoint):
     def _fail_all(self, error: StreamReset) -> None:
         for exchange in list(self._exchanges.values()):
             exchange.fail(error)
-            if exchange.sender is not None:
-                exchange.sender.cancel()
+            self._stop_sender(exchange)
             self._forget(exchange)
         self.wake_all_windows()

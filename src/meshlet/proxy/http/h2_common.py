@@ -17,6 +17,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
@@ -251,6 +252,15 @@ class H2Endpoint(asyncio.Protocol):
     async def send_body(self, state: H2StreamState, data: bytes, end_stream: bool) -> None:
         """Send ``data`` on the stream in frames the peer accepts, waiting for
         its flow-control window and for the transport's write buffer."""
+        try:
+            await self._send_body(state, data, end_stream)
+        except ProtocolError as exc:
+            # h2 refused the frame (the stream closed under us): a local error.
+            error = StreamReset("INTERNAL_ERROR", f"cannot send body: {exc}", local=True)
+            self.reset_stream(state, error)
+            raise error from exc
+
+    async def _send_body(self, state: H2StreamState, data: bytes, end_stream: bool) -> None:
         conn = self._conn
         sid = state.stream_id
         total = len(data)

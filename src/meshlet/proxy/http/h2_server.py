@@ -399,7 +399,10 @@ class H2ServerProtocol(H2Endpoint):
             return
         fields = [(":status", "500"), ("content-length", "0"), ("server", self.settings.server_name)]
         stream._head_sent = stream._ended = True
-        self.send_headers(state, fields, True)
+        try:
+            self.send_headers(state, fields, True)
+        except StreamReset:
+            return  # the stream is reset instead
         if self.settings.on_local_reply is not None:
             self.settings.on_local_reply(500, "handler failed")
 
