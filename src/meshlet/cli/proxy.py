@@ -26,12 +26,15 @@ REGEX_ENGINES = ("re", "re2", "hyperscan")
               help="TLS engine for every tls transport socket (overrides meshlet.tls_engine).")
 @click.option("--regex-engine", type=click.Choice(REGEX_ENGINES),
               help="Engine for safe_regex matchers (overrides meshlet.regex_engine).")
+@click.option("--drain-time", type=click.FloatRange(min=0, max=3600),
+              help="Seconds in-flight requests get to finish after SIGTERM [5].")
 def proxy(
     config_path: Path,
     admin_port: int | None,
     log_level: str,
     tls_engine: str | None,
     regex_engine: str | None,
+    drain_time: float | None,
 ) -> None:
     """Run the proxy. SIGTERM drains connections, then exits.
 
@@ -49,4 +52,5 @@ def proxy(
         log_level=log_level.lower(),
         tls_engine=tls_engine,
         regex_engine=regex_engine,
+        drain_time=drain_time,
     )
