@@ -47,6 +47,7 @@ __all__ = [
     "compile_cluster",
     "compile_cluster_load_assignment",
     "compile_http_connection_manager",
+    "compile_resource",
     "compile_listener",
     "compile_route_configuration",
     "compile_secret",
@@ -63,6 +64,25 @@ allow_fields(base_pb2.Node, "id", "cluster")
 
 T = TypeVar("T")
 REDACTED = "[redacted]"
+
+_TYPE_PREFIX = "type.googleapis.com/"
+# xDS resource type URL -> the compiler of one such resource.
+RESOURCE_COMPILERS: dict[str, Callable[[Any, str], object]] = {
+    _TYPE_PREFIX + "envoy.config.listener.v3.Listener": compile_listener,
+    _TYPE_PREFIX + "envoy.config.route.v3.RouteConfiguration": compile_route_configuration,
+    _TYPE_PREFIX + "envoy.config.cluster.v3.Cluster": compile_cluster,
+    _TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment": compile_cluster_load_assignment,
+    _TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret": compile_secret,
+}
+
+
+def compile_resource(type_url: str, message: Any, path: str = "") -> object:
+    """Compile one xDS resource by its type URL (run inside ``compiling(ctx)`` to give it
+    the regex engine, known secrets and clusters)."""
+    compile_one = RESOURCE_COMPILERS.get(type_url)
+    if compile_one is None:
+        raise ConfigError(path, f"resource type {type_url!r} is not supported")
+    return compile_one(message, path)
 
 
 def compile_bootstrap(bootstrap: Any, *, settings_overrides: Mapping[str, str] | None = None) -> ProxyConfig:
