@@ -1188,3 +1188,15 @@ def test_negative_durations_are_refused() -> None:
     data = base()
     hcm(data)["request_timeout"] = "-1s"
     assert str(refusal(data)) == f"{HCM_PATH}.request_timeout: must not be negative"
+
+
+def test_compile_resource_dispatches_by_type_url() -> None:
+    from meshlet.config.compiler import compile_resource
+    from meshlet.config.loader import parse_resource
+    from meshlet.config.model import Cluster
+
+    url = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+    compiled = compile_resource(url, parse_resource(url, cluster(base())), "cds[0]")
+    assert isinstance(compiled, Cluster) and compiled.name == "app"
+    with pytest.raises(ConfigError, match=r"^x: resource type 'type.googleapis.com/foo.Bar' is not supported$"):
+        compile_resource("type.googleapis.com/foo.Bar", None, "x")
