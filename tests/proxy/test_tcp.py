@@ -6,6 +6,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -56,7 +57,7 @@ class _Accept(asyncio.Protocol):
         self._proxy = proxy
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         info = ConnectionInfo(
             peer=transport.get_extra_info("peername"), local=transport.get_extra_info("sockname")
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import cast
 
 from meshlet.config.model import TcpProxyConfig
 from meshlet.proxy.observe.access_log import AccessLog, ResponseFlag, StreamInfo, build_access_logs
@@ -105,8 +106,7 @@ class TcpProxySession(asyncio.Protocol):
     # -- downstream protocol callbacks ------------------------------------ #
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._down = transport
+        self._down = cast(asyncio.Transport, transport)
         self._proxy.stats.cx_total.inc()
         self._connect_task = asyncio.get_running_loop().create_task(self._connect())
         self._arm_idle_timer()
@@ -303,5 +303,4 @@ class _UpstreamSide(_Side):
         super().__init__(session, upstream=True)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._session.attach_upstream(transport)
+        self._session.attach_upstream(cast(asyncio.Transport, transport))

@@ -16,7 +16,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -80,7 +80,7 @@ class _Accept(asyncio.Protocol):
         self._hcm = hcm
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         info = ConnectionInfo(
             peer=transport.get_extra_info("peername")[:2], local=transport.get_extra_info("sockname")[:2]
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import httpx
 import pytest
@@ -56,8 +57,7 @@ class H2Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
         self.state.connections += 1
         self.conn.initiate_connection()
         transport.write(self.conn.data_to_send())
@@ -98,7 +98,7 @@ class _Accept(asyncio.Protocol):
         self._hcm = hcm
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         info = ConnectionInfo(
             peer=transport.get_extra_info("peername")[:2], local=transport.get_extra_info("sockname")[:2]
         )
