@@ -1198,5 +1198,5 @@ def test_compile_resource_dispatches_by_type_url() -> None:
     url = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
     compiled = compile_resource(url, parse_resource(url, cluster(base())), "cds[0]")
     assert isinstance(compiled, Cluster) and compiled.name == "app"
-    with pytest.raises(ConfigError, match=r"^x: resource type 'type.googleapis.com/foo.Bar' is not supported$"):
+    with pytest.raises(ConfigError, match=r"^x: resource type '.*foo\.Bar' is not supported$"):
         compile_resource("type.googleapis.com/foo.Bar", None, "x")
