@@ -329,3 +329,27 @@ async def test_meshlet_tls_engine_behind_the_inspector(harness: Harness, pki: Pk
     assert await asyncio.wait_for(reader.readline(), 5) == b"through meshlet tls\n"
     writer.close()
     assert harness.stat("listener.own.ssl.handshake") == 1
+
+
+async def test_handshake_in_progress_survives_a_config_change(harness: Harness, pki: Pki) -> None:
+    import socket as socket_mod
+
+    tls = tls_socket(server_tls(pki))
+    await harness.manager.update({"h": listener("h", chain("old", tls))})
+    port = harness.port("h")
+    sock = socket_mod.create_connection(("127.0.0.1", port), timeout=5)
+    sock.setblocking(False)
+    await asyncio.sleep(0.05)  # accepted, waiting for the ClientHello
+    await harness.manager.update({"h": listener("h", chain("new", tls))})
+    reader, writer = await asyncio.open_connection(
+        sock=sock, ssl=client_ctx(pki), server_hostname="localhost"
+    )
+    # The connection finishes its handshake on the chain it was accepted on,
+    # then drains like every other connection of the old config.
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"old ")
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert harness.drained == ["old"]
+    line, _, w = await greet(port, ssl_ctx=client_ctx(pki), sni="localhost")
+    assert line.startswith("new ")
+    w.close()

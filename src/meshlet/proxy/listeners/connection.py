@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class ConnectionRecord:
     """What the listener tracks per live connection."""
 
-    __slots__ = ("app", "finished", "info", "raw", "runtime", "started", "tracker")
+    __slots__ = ("app", "draining", "finished", "info", "raw", "runtime", "started", "tracker")
 
     def __init__(self, runtime: ListenerRuntime, raw: asyncio.Transport, info: ConnectionInfo) -> None:
         self.runtime = runtime
@@ -38,6 +38,7 @@ class ConnectionRecord:
         self.tracker: asyncio.BaseProtocol | None = None
         self.started = time.monotonic()
         self.finished = False
+        self.draining = False
 
     def finish(self) -> None:
         """The connection is gone (idempotent): release its stats and slot."""
@@ -52,13 +53,17 @@ class ConnectionRecord:
     def drain(self) -> None:
         """Ask the application protocol to finish in-flight work and close.
 
-        Connections still in the listener-filter or handshake phase have no
-        work in flight and are closed at once. Protocols without ``drain``
-        (the TCP proxy) stay open until the drain deadline aborts them.
+        A connection still in the listener-filter or handshake phase is
+        drained as soon as its application protocol starts (closing it now
+        would fail a client that did nothing wrong, on every config update).
+        Protocols without ``drain`` (the TCP proxy) stay open until the drain
+        deadline aborts them.
         """
-        if self.app is None:
-            self.raw.close()
-            return
+        self.draining = True
+        if self.app is not None:
+            self.drain_app()
+
+    def drain_app(self) -> None:
         # protocol_for's protocol answers for the connection even when it
         # hands the transport to another codec (protocol sniffing, upgrades).
         drain = getattr(self.app, "drain", None)
@@ -88,6 +93,8 @@ class TrackedProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._app.connection_made(transport)
+        if self._record.draining:
+            self._record.drain_app()
 
     def connection_lost(self, exc: Exception | None) -> None:
         try:
@@ -110,6 +117,8 @@ class TrackedBufferedProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._app.connection_made(transport)
+        if self._record.draining:
+            self._record.drain_app()
 
     def connection_lost(self, exc: Exception | None) -> None:
         try:
