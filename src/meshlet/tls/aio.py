@@ -489,7 +489,7 @@ class _TlsAppTransport(asyncio.Transport):
         self._closing = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing or self._conn.closed:
+        if self._closing or self._conn.write_closed or not data:
             return
         self._conn.send_application_data(bytes(data))
         self._owner.flush()

@@ -100,6 +100,11 @@ class TlsConnection:
         return self._machine.paused and not self._closed
 
     @property
+    def write_closed(self) -> bool:
+        """No more application data can be sent (close_notify sent, or failed)."""
+        return self._closed or self._sent_close
+
+    @property
     def peer_closed(self) -> bool:
         return self._peer_closed
 
