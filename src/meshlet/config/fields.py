@@ -94,23 +94,6 @@ def wrapped(msg: Message, field_name: str, default: Any) -> Any:
     return getattr(msg, field_name).value
 
 
-def require(msg: Message, field_name: str, path: str) -> None:
-    """A field that must be set (and non-empty)."""
-    field = msg.DESCRIPTOR.fields_by_name[field_name]
-    value = getattr(msg, field_name)
-    if field.message_type is not None and not field.is_repeated:
-        present = msg.HasField(field_name)
-    else:
-        present = bool(value)
-    if not present:
-        raise ConfigError(join(path, field_name), "is required")
-
-
-def which(msg: Message, oneof: str) -> str | None:
-    name: str | None = msg.WhichOneof(oneof)
-    return name
-
-
 def model_default(model_class: Any, field_name: str) -> Any:
     """The default of a model dataclass field (slots dataclasses hide them as class attributes)."""
     for f in dataclasses.fields(model_class):

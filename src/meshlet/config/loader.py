@@ -354,14 +354,13 @@ def _enum(value: Any, field: FieldDescriptor, path: str) -> None:
 
 
 def _base64(value: Any, path: str) -> None:
+    """Proto3 JSON bytes: standard or URL-safe base64, padding optional."""
     if not isinstance(value, str):
         raise ConfigError(path, f"expected a base64 string, got {_kind(value)}")
+    padded = value + "=" * (-len(value) % 4)
+    alphabet = b"-_" if "-" in value or "_" in value else None
     try:
-        base64.b64decode(
-            value + "=" * (-len(value) % 4),
-            altchars=b"-_" if "-" in value or "_" in value else None,
-            validate=True,
-        )
+        base64.b64decode(padded, altchars=alphabet, validate=True)
     except ValueError:
         raise ConfigError(path, "invalid base64") from None
 
