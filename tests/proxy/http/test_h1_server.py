@@ -426,6 +426,44 @@ async def test_refused_upgrade_gets_a_normal_response_then_close() -> None:
         writer.close()
 
 
+async def test_h2c_upgrade_offer_is_declined_and_served_over_http1() -> None:
+    async with serve(echo) as srv:
+        reader, writer = await srv.connect()
+        offer = (
+            "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+            "HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"
+        )
+        writer.write(
+            f"POST /a HTTP/1.1\r\nHost: h\r\n{offer}Content-Length: 5\r\n\r\nhello".encode()
+            + b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n"
+        )
+        status, _, body = await read_response(reader)
+        first = json.loads(body)
+        assert status == b"HTTP/1.1 200 OK" and first["body"] == "hello"
+        assert not any(k in ("upgrade", "http2-settings", "connection") for k, _ in first["headers"])
+        _, _, body = await read_response(reader)
+        assert json.loads(body)["path"] == "/b"
+        writer.close()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+async def test_curl_h2c_offer_gets_http1() -> None:
+    async with serve(echo) as srv:
+        proc = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "--http2", "--max-time", "5", "-o", "/dev/null",
+            "-w", "%{http_version} %{http_code}",
+            f"http://127.0.0.1:{srv.port}/",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 8)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert out == b"1.1 200", err
+
+
 # -- errors the codec answers itself ------------------------------------------------ #
 
 

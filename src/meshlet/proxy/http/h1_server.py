@@ -42,6 +42,7 @@ from meshlet.proxy.http.stream import (
     RequestHead,
     ResponseHead,
     StreamReset,
+    header_value,
 )
 from meshlet.proxy.transport import ConnectionInfo
 
@@ -84,13 +85,19 @@ class ParsedRequest:
     """The head of one request as the connection manager sees it, plus what
     the codec itself needs to know about the exchange."""
 
-    __slots__ = ("expect_continue", "head", "keep_alive", "tunnel")
+    __slots__ = ("expect_continue", "head", "keep_alive", "raw_body", "tunnel")
 
-    def __init__(self, head: RequestHead, keep_alive: bool, expect_continue: bool, tunnel: bool) -> None:
+    def __init__(
+        self, head: RequestHead, keep_alive: bool, expect_continue: bool, tunnel: bool, raw_body: int = 0
+    ) -> None:
         self.head = head
         self.keep_alive = keep_alive
         self.expect_continue = expect_continue
+        # After an upgrade / CONNECT head, the connection carries raw bytes.
         self.tunnel = tunnel
+        # Body bytes llhttp will not frame: an ignored h2c upgrade offer makes
+        # it stop after the head, so the codec counts the content-length itself.
+        self.raw_body = raw_body
 
 
 def build_request_head(
@@ -115,6 +122,7 @@ def build_request_head(
     connection = ""
     upgrade_value = ""
     te = ""
+    chunked = False
     expect_continue = False
     for raw_name, raw_value in raw_headers:
         name = raw_name.decode("latin-1").lower()
@@ -131,6 +139,8 @@ def build_request_head(
             upgrade_value = value
         elif name == "te":
             te = f"{te},{value}" if te else value
+        elif name == "transfer-encoding":
+            chunked = True
         elif name == "expect":
             if value.lower() == "100-continue":
                 expect_continue = True
@@ -143,7 +153,17 @@ def build_request_head(
     if te and "trailers" in connection_tokens(te):
         headers.append(("te", "trailers"))
     tunnel = upgrade
-    if upgrade and method != "CONNECT":
+    raw_body = 0
+    if upgrade and upgrade_value.strip().lower() == "h2c":
+        # HTTP/2 is offered over ALPN or prior knowledge; like Envoy, an h2c
+        # upgrade offer is declined by serving the request over HTTP/1.1.
+        if chunked:
+            raise BadMessage("h2c upgrade offer with a chunked body is not supported")
+        tunnel = False
+        headers = [h for h in headers if h[0] != "http2-settings"]
+        length = header_value(headers, "content-length")
+        raw_body = int(length) if length else 0
+    elif upgrade and method != "CONNECT":
         headers.append(("connection", "upgrade"))
         headers.append(("upgrade", upgrade_value))
     keep_alive = "close" not in tokens if version == "1.1" else "keep-alive" in tokens
@@ -151,7 +171,7 @@ def build_request_head(
     if not authority and version == "1.1":
         raise BadMessage("missing host header")
     head = RequestHead(method, scheme, authority, path, headers, version)
-    return ParsedRequest(head, keep_alive, expect_continue, tunnel)
+    return ParsedRequest(head, keep_alive, expect_continue, tunnel, raw_body)
 
 
 def _split_target(method: str, target: bytes, host: str | None) -> tuple[str, str]:
@@ -192,6 +212,7 @@ class H1ServerStream:
         "_head_sent",
         "_keep_alive",
         "_pressured",
+        "_raw_body_left",
         "_remaining",
         "_request_done",
         "_tunnel_request",
@@ -208,6 +229,7 @@ class H1ServerStream:
         self._keep_alive = parsed.keep_alive
         self._expect_continue = parsed.expect_continue
         self._tunnel_request = parsed.tunnel
+        self._raw_body_left = parsed.raw_body
         self._head_sent = False
         self._dispatched = False
         self._done = False
@@ -643,7 +665,11 @@ class H1ServerProtocol(asyncio.Protocol):
                 self._dispatch(self._streams[0])
 
     def _parse(self, data: bytes) -> None:
-        if self._parsing is None:
+        stream = self._parsing
+        if stream is not None and stream._raw_body_left:
+            self._take_raw_body(stream, data)
+            return
+        if stream is None:
             self._raw_head_bytes += len(data)
         try:
             if len(data) <= FEED_SLICE:
@@ -740,7 +766,7 @@ class H1ServerProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         stream = self._parsing
-        if stream is None:
+        if stream is None or stream._raw_body_left:
             return
         self._parsing = None
         stream._request_done = True
@@ -755,13 +781,34 @@ class H1ServerProtocol(asyncio.Protocol):
     def _start_tunnel(self, rest: bytes) -> None:
         """llhttp stopped after an upgrade / CONNECT head: what follows is raw bytes."""
         stream = self._streams[-1] if self._streams else None
-        if stream is None or not stream._tunnel_request:
+        if stream is None:
             self._protocol_error(400, "unexpected upgrade")
+            return
+        if not stream._tunnel_request:
+            # A declined h2c offer: its body (if any) and the next requests follow.
+            self._take_raw_body(stream, rest)
             return
         self._tunnel = stream
         self._parsing = None
         if rest:
             stream.body.feed(rest)
+
+    def _take_raw_body(self, stream: H1ServerStream, data: bytes) -> None:
+        """Body bytes the codec frames itself (see ParsedRequest.raw_body), then parse on."""
+        left = stream._raw_body_left
+        if left:
+            piece = data[:left]
+            stream.body.feed(piece)
+            stream._raw_body_left = left = left - len(piece)
+            data = data[len(piece) :]
+            if left:
+                return
+            if self._parsing is stream:
+                self._parsing = None
+            stream._request_done = True
+            stream.body.end()
+        if data:
+            self._parse(data)
 
     def _protocol_error(self, status: int, detail: str) -> None:
         """Stop parsing; answer ``status`` once the responses already owed are written."""
