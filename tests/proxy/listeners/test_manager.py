@@ -353,3 +353,40 @@ async def test_handshake_in_progress_survives_a_config_change(harness: Harness, 
     line, _, w = await greet(port, ssl_ctx=client_ctx(pki), sni="localhost")
     assert line.startswith("new ")
     w.close()
+
+
+async def test_hostile_input_never_reaches_the_loop_error_handler(harness: Harness, pki: Pki) -> None:
+    import os
+
+    errors: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    tls = tls_socket(server_tls(pki))
+    await harness.manager.update({"x": listener(
+        "x", chain("tls", tls, transport_protocol="tls"), chain("plain", transport_protocol="raw_buffer"),
+        listener_filters=(TLS_INSPECTOR,), listener_filters_timeout=1.0, stat_prefix="x",
+    )})
+    port = harness.port("x")
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(40)
+    payloads = [
+        os.urandom(3000),
+        hello,  # truncated ClientHello, then close
+        hello + os.urandom(600),  # a "ClientHello" of random bytes
+        # A ClientHello announced larger than the inspector allows, in valid records.
+        b"\x16\x03\x01\x40\x00\x01\x00\xff\xff" + b"\x00" * 0x3FFC
+        + (b"\x16\x03\x01\x40\x00" + b"\x00" * 0x4000) * 4,
+        b"\x16\x03\x03\x00\x05\x01\x00\x00\x01\x00",  # well-framed but malformed hello body
+    ]
+    for data in payloads:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(data)
+        try:
+            await asyncio.wait_for(reader.read(100000), 3)
+        except (ConnectionError, TimeoutError):
+            pass
+        writer.close()
+    line, _, w = await greet(port, ssl_ctx=client_ctx(pki), sni="localhost")
+    assert line.startswith("tls ")
+    w.close()
+    assert errors == []
+    assert harness.stat("tls_inspector.client_hello_too_large") == 1

@@ -101,6 +101,8 @@ class ClientHelloInspector:
             if length == 0 or length > _MAX_RECORD_PAYLOAD:
                 return Inspection(Verdict.NOT_TLS, reason="bad TLS record length")
             end = start + _RECORD_HEADER + length
+            if end > MAX_CLIENT_HELLO:
+                return Inspection(Verdict.CLOSE, reason="client hello too large")
             if end > len(buf):
                 break
             self._handshake += buf[start + _RECORD_HEADER : end]
