@@ -526,3 +526,26 @@ async def test_curl_interop(proxy_factory: Any, sample: Sample) -> None:
                 proc.kill()
                 await proc.wait()
         assert out == b"200 5000", flags
+
+
+async def test_route_timeout_starts_after_a_slow_upload(proxy_factory: Any, sample: Sample) -> None:
+    config = hcm_config(route("all", "/", ClusterAction("app", timeout=0.5)))
+    proxy = await proxy_factory(config, {"app": cluster("app", [sample.port])})
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"x" * 1000
+            await asyncio.sleep(0.35)
+
+    async with httpx.AsyncClient(base_url=proxy.url) as client:
+        resp = await client.post("/echo", content=slow_body())
+    assert resp.status_code == 200
+    assert len(resp.content) == 4000
+
+
+async def test_stream_idle_timeout_is_408(proxy_factory: Any, sample: Sample) -> None:
+    config = hcm_config(route("all", "/", ClusterAction("app")), stream_idle_timeout=0.2)
+    proxy = await proxy_factory(config, {"app": cluster("app", [sample.port])})
+    async with httpx.AsyncClient(base_url=proxy.url) as client:
+        resp = await client.get("/delay/3000")
+    assert (resp.status_code, resp.text) == (408, "stream timeout")

@@ -47,20 +47,44 @@ if TYPE_CHECKING:
 
 ROUTE_TIMEOUT = "route"
 IDLE_TIMEOUT = "idle"
+# While a request body is still arriving, how often the watchdog looks at it.
+_UPLOAD_CHECK = 1.0
 
 
 class Watchdog:
-    """One timer per request enforcing both the route timeout (a deadline)
-    and the stream idle timeout (reset by ``touch``): when either passes it
-    cancels the request's task and records which one fired."""
+    """One timer per request enforcing both the route timeout and the stream
+    idle timeout; when either passes it cancels the request's task and
+    records which one fired.
 
-    __slots__ = ("_deadline", "_idle", "_last", "_loop", "_task", "_timer", "fired")
+    As in Envoy the route timeout counts from the end of the downstream
+    request: while the request body is still arriving the deadline is held
+    off (checked every ``_UPLOAD_CHECK`` seconds, so it starts at most that
+    late), and body progress counts as activity for the idle timeout. The
+    response side reports activity with ``touch``. Nothing here runs per
+    chunk except that assignment.
+    """
 
-    def __init__(self, route_timeout: float | None, idle_timeout: float | None) -> None:
+    __slots__ = (
+        "_body",
+        "_body_seen",
+        "_deadline",
+        "_idle",
+        "_last",
+        "_loop",
+        "_route_timeout",
+        "_task",
+        "_timer",
+        "fired",
+    )
+
+    def __init__(self, route_timeout: float | None, idle_timeout: float | None, body: BodyStream) -> None:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         now = self._loop.time()
-        self._deadline = now + route_timeout if route_timeout else None
+        self._route_timeout = route_timeout or None
+        self._body: BodyStream | None = None if body.ended else body
+        self._body_seen = body.received
+        self._deadline = now + route_timeout if route_timeout and self._body is None else None
         self._idle = idle_timeout or None
         self._last = now
         self._timer: asyncio.TimerHandle | None = None
@@ -72,7 +96,9 @@ class Watchdog:
 
     def drop_deadline(self) -> None:
         """Tunnels (upgrades) outlive the route timeout."""
+        self._route_timeout = None
         self._deadline = None
+        self._body = None
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -88,13 +114,28 @@ class Watchdog:
 
     def _arm(self) -> None:
         due = self._deadline
+        if self._body is not None and self._route_timeout is not None:
+            due = self._loop.time() + min(_UPLOAD_CHECK, self._route_timeout)
         if self._idle is not None:
             idle_due = self._last + self._idle
             due = idle_due if due is None else min(due, idle_due)
         self._timer = self._loop.call_at(due, self._check) if due is not None else None
 
+    def _watch_upload(self, now: float) -> None:
+        body = self._body
+        if body is None:
+            return
+        if body.received != self._body_seen:
+            self._body_seen = body.received
+            self._last = now
+        if body.ended:
+            self._body = None
+            if self._route_timeout is not None:
+                self._deadline = now + self._route_timeout
+
     def _check(self) -> None:
         now = self._loop.time()
+        self._watch_upload(now)
         if self._deadline is not None and now >= self._deadline:
             self.fired = ROUTE_TIMEOUT
         elif self._idle is not None and now - self._last >= self._idle:
@@ -248,7 +289,7 @@ class _Exchange:
         counters = host.counters
         counters.rq_total += 1
         counters.rq_active += 1
-        self._watchdog = Watchdog(route_timeout, idle_timeout)
+        self._watchdog = Watchdog(route_timeout, idle_timeout, ctx.stream.body)
         completed = False
         try:
             completed = await self._attempt()
