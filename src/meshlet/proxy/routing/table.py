@@ -96,17 +96,14 @@ class RouteTable:
         if entry is None:
             return None
         path = head.path
+        fragment = path.find("#")
+        if fragment >= 0:
+            path = path[:fragment]
         query = ""
         cut = path.find("?")
         if cut >= 0:
             query = path[cut + 1 :]
             path = path[:cut]
-        fragment = query.find("#") if query else path.find("#")
-        if fragment >= 0:
-            if query:
-                query = query[:fragment]
-            else:
-                path = path[:fragment]
         for path_matches, extra_matches, route in entry.routes:
             if path_matches(path) and (extra_matches is None or extra_matches(head, query)):
                 return entry.vhost, route
