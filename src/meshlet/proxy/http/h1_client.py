@@ -260,8 +260,13 @@ class H1ClientConnection(asyncio.Protocol):
                 if framing == _CHUNKED:
                     transport.writelines((chunk_prefix(len(chunk)), chunk, CRLF))
                 else:
-                    if length is not None and sent > length:
-                        raise StreamReset("INTERNAL_ERROR", "request body longer than its content-length")
+                    if length is not None and sent >= length:
+                        if sent > length:
+                            raise StreamReset("INTERNAL_ERROR", "request body longer than its content-length")
+                        # Complete on the wire: the upstream may answer before
+                        # the downstream body formally ends.
+                        transport.write(chunk)
+                        break
                     transport.write(chunk)
                 if self._write_paused:
                     await self._writable()
