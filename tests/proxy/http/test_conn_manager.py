@@ -549,3 +549,20 @@ async def test_stream_idle_timeout_is_408(proxy_factory: Any, sample: Sample) ->
     async with httpx.AsyncClient(base_url=proxy.url) as client:
         resp = await client.get("/delay/3000")
     assert (resp.status_code, resp.text) == (408, "stream timeout")
+
+
+async def test_codec_errors_are_counted_and_logged(proxy_factory: Any, tmp_path: Path) -> None:
+    log = tmp_path / "codec.log"
+    config = hcm_config(
+        route("all", "/", ClusterAction("app")),
+        access_logs=(AccessLogConfig(path=str(log), text_format="%RESPONSE_CODE% %RESPONSE_FLAGS%\n"),),
+    )
+    proxy = await proxy_factory(config, {})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GARBAGE\r\n\r\n")
+    status = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 400")
+    assert proxy.stat("http.ingress.downstream_rq_4xx") == 1
+    await WRITERS.flush()
+    assert log.read_text() == "400 DPE\n"

@@ -17,6 +17,8 @@ filters' response phase, ``server`` header, status stats.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from meshlet.config.model import (
@@ -137,6 +139,8 @@ class HttpConnectionManager(Responder):
         self.stats.cx_total.inc()
         self.stats.cx_active.inc()
         settings = self._settings_for("https" if info.security.tls else "http")
+        if self._access_logs:
+            settings = dataclasses.replace(settings, on_local_reply=self._codec_reply_logger(info))
         conn: DownstreamConnection
 
         def make_codec(kind: str) -> asyncio.Protocol:
@@ -188,6 +192,21 @@ class HttpConnectionManager(Responder):
         """A reply the codec made itself (400, 408, 431...): count it as a request."""
         self.stats.rq_total.inc()
         self.stats.response_class(status)
+
+    def _codec_reply_logger(self, info: ConnectionInfo) -> Callable[[int, str], None]:
+        """Like ``_codec_local_reply``, and access-logged (the codec knows no
+        request head: the line carries the connection and the status)."""
+
+        def on_local_reply(status: int, detail: str) -> None:
+            self._codec_local_reply(status, detail)
+            stream_info = StreamInfo(connection=info, response_code=status, response_code_details=detail)
+            if status == 400:
+                stream_info.flags = ResponseFlag.DPE
+            stream_info.finish()
+            for log in self._access_logs:
+                log.log(stream_info)
+
+        return on_local_reply
 
     # -- requests --------------------------------------------------------- #
 
