@@ -11,7 +11,7 @@ values); nothing else escapes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -642,7 +642,7 @@ Message = (
     | bytes
 )
 
-PARSERS = {
+PARSERS: dict[int, Callable[[bytes], Message]] = {
     HandshakeType.client_hello: parse_client_hello,
     HandshakeType.server_hello: parse_server_hello,
     HandshakeType.encrypted_extensions: parse_encrypted_extensions,
@@ -657,7 +657,7 @@ PARSERS = {
 
 
 def parse_message(msg_type: int, body: bytes) -> Message:
-    parser = PARSERS.get(msg_type)  # type: ignore[call-overload]
+    parser = PARSERS.get(msg_type)
     if parser is None:
         raise unexpected_message(f"unknown handshake message type {msg_type}")
     result: Message = parser(body)
