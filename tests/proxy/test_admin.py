@@ -78,6 +78,9 @@ async def test_stats_text_filter_and_json(running: Running) -> None:
     assert lines["listener.127.0.0.1_0.downstream_cx_total"] == "1"
     assert lines["listener.127.0.0.1_0.ssl.handshake"] == "1"
     assert int(lines["cluster.backend.upstream_rq_total"]) >= 1
+    assert lines["server.live"] == "1"
+    assert int(lines["server.uptime"]) >= 0
+    assert int(lines["server.total_connections"]) >= 0
     filtered = (await get(running, "/stats?filter=^listener\\.")).text.splitlines()
     assert filtered and all(line.startswith("listener.") for line in filtered)
     data = (await get(running, "/stats?format=json")).json()

@@ -60,6 +60,10 @@ class AdminTarget(Protocol):
 
     def cluster_info(self) -> dict[str, dict[str, object]]: ...
 
+    def refresh_stats(self) -> None:
+        """Bring point-in-time gauges (uptime, connections) up to date before a read."""
+        ...
+
     async def drain_listeners(self, *, graceful: bool) -> None: ...
 
     def request_shutdown(self) -> None: ...
@@ -111,6 +115,7 @@ async def _stats(admin: AdminServer, params: Params) -> Reply:
     except re.error as exc:
         return _text(400, f"invalid regex in filter: {exc}\n")
     fmt = params.get("format", ["text"])[0]
+    admin.target.refresh_stats()
     store = admin.target.runtime.stats
     if fmt == "json":
         return _json(pages.stats_json(store, name_filter))
@@ -126,6 +131,7 @@ async def _stats_prometheus(admin: AdminServer, params: Params) -> Reply:
         name_filter = _filter(params)
     except re.error as exc:
         return _text(400, f"invalid regex in filter: {exc}\n")
+    admin.target.refresh_stats()
     return Reply(200, prometheus.render(admin.target.runtime.stats, name_filter), prometheus.CONTENT_TYPE)
 
 

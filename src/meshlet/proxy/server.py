@@ -62,6 +62,8 @@ class Proxy:
         self._live_gauge = stats.gauge("server.live")
         self._config_ok = stats.counter("server.config_update_success")
         self._config_rejected = stats.counter("server.config_update_rejected")
+        self._uptime = stats.gauge("server.uptime")
+        self._total_connections = stats.gauge("server.total_connections")
 
     # -- AdminTarget ------------------------------------------------------ #
 
@@ -82,6 +84,10 @@ class Proxy:
 
     def cluster_info(self) -> dict[str, dict[str, object]]:
         return self.clusters.describe()
+
+    def refresh_stats(self) -> None:
+        self._uptime.set(int(time.time() - self.runtime.started_at))
+        self._total_connections.set(self.listeners.active_connections)
 
     async def drain_listeners(self, *, graceful: bool) -> None:
         """Admin ``/drain_listeners``: stop accepting; with ``graceful`` also

@@ -255,6 +255,10 @@ async def test_update_keeps_unchanged_swaps_changed_and_removes(harness: Harness
     assert await asyncio.wait_for(change_r.readline(), 5) == b"slow done by c1\n"
     assert await asyncio.wait_for(change_r.read(), 5) == b""
     assert harness.drained == ["c1"]
+    assert harness.stat("listener_manager.listener_added") == 3
+    assert harness.stat("listener_manager.listener_modified") == 1
+    assert harness.stat("listener_manager.listener_removed") == 1
+    assert harness.stat("listener_manager.total_listeners_active") == 2
     # Removed: no longer accepting.
     with pytest.raises(OSError):
         await asyncio.wait_for(asyncio.open_connection("127.0.0.1", gone_port), 5)

@@ -47,6 +47,7 @@ class ConnectionRecord:
         self.finished = True
         stats = self.runtime.stats
         stats.cx_active.dec()
+        stats.cx_destroy.inc()
         stats.cx_length_ms.record((time.monotonic() - self.started) * 1000.0)
         self.runtime.connections.discard(self)
 

@@ -86,6 +86,7 @@ class ListenerStats:
         self._scope = scope
         self.cx_total = scope.counter("downstream_cx_total")
         self.cx_active = scope.gauge("downstream_cx_active")
+        self.cx_destroy = scope.counter("downstream_cx_destroy")
         self.cx_length_ms = scope.histogram("downstream_cx_length_ms")
         self.no_filter_chain_match = scope.counter("no_filter_chain_match")
         self.pre_cx_timeout = scope.counter("downstream_pre_cx_timeout")
@@ -238,7 +239,11 @@ class ListenerManager:
         self._retire_tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._accepting = True
-        self.listeners_active = runtime.stats.gauge("listener_manager.total_listeners_active")
+        stats = runtime.stats
+        self.listeners_active = stats.gauge("listener_manager.total_listeners_active")
+        self.listener_added = stats.counter("listener_manager.listener_added")
+        self.listener_modified = stats.counter("listener_manager.listener_modified")
+        self.listener_removed = stats.counter("listener_manager.listener_removed")
 
     # -- config updates --------------------------------------------------- #
 
@@ -274,11 +279,17 @@ class ListenerManager:
             sock.runtime = rt  # new connections use the new chains from here on
             if previous is not rt and sock is old.get(name):
                 self._retire(previous)
+            if name not in old:
+                self.listener_added.inc()
+            elif previous is not rt or sock is not old[name]:
+                self.listener_modified.inc()
             fresh[name] = sock
         for name, sock in old.items():
             if fresh.get(name) is not sock:
                 sock.stop_accepting()
                 self._retire(sock.runtime)
+                if name not in fresh:
+                    self.listener_removed.inc()
         self._sockets = fresh
         if self._accepting:
             for sock in update.new_sockets.values():
