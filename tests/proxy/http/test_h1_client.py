@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import cast
 
 import pytest
 import uvloop
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meshlet.proxy.http.h1_client import H1ClientConnection
 from meshlet.proxy.http.h1_server import H1ServerProtocol
@@ -491,3 +493,80 @@ async def test_installed_directly_by_create_connection() -> None:
             assert await request(proto, get("/")) == (200, b"ok")
         finally:
             proto.close()
+
+
+# -- whatever an upstream sends -------------------------------------------------------- #
+
+
+class MemoryTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += data
+
+    def writelines(self, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        for part in parts:
+            self.out += part
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+
+RESPONSE_FRAGMENTS = [
+    b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.0 204 No Content\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\n", b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n",
+    b"Connection: close\r\n", b"\r\n", b"abc", b"3\r\nabc\r\n", b"0\r\nX-T: 1\r\n\r\n", b"\xff\x00",
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(["GET", "HEAD", "POST"]),
+    st.lists(st.one_of(st.sampled_from(RESPONSE_FRAGMENTS), st.binary(max_size=40)), max_size=20),
+)
+def test_no_response_input_escapes_data_received(method: str, chunks: list[bytes]) -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, object]] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        conn = H1ClientConnection()
+        conn.connection_made(MemoryTransport())
+        body = BodyStream.of(b"payload") if method == "POST" else None
+        pending = asyncio.ensure_future(conn.request(get("/", method), body))
+        await asyncio.sleep(0)
+        for chunk in chunks:
+            conn.data_received(chunk)
+            await asyncio.sleep(0)
+        conn.connection_lost(None)
+        try:
+            response = await pending
+            await response.body.read_all(1 << 20)
+        except StreamReset:
+            pass
+        assert not errors
+
+    asyncio.run(scenario())

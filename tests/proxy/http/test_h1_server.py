@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import uvloop
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meshlet.proxy.http.h1_common import BadMessage
 from meshlet.proxy.http.h1_server import H1ServerProtocol, H1ServerStream, build_request_head
@@ -679,3 +681,81 @@ async def test_slow_handler_keeps_request_body_bounded() -> None:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 204 ")
         writer.close()
+
+
+# -- whatever a client sends --------------------------------------------------------- #
+
+
+class MemoryTransport(asyncio.Transport):
+    """Collects what the codec writes; enough of a transport for data_received."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += data
+
+    def writelines(self, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        for part in parts:
+            self.out += part
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+
+FRAGMENTS = [
+    b"GET / HTTP/1.1\r\n", b"POST /p HTTP/1.0\r\n", b"HEAD / HTTP/1.1\r\n", b"Host: a\r\n", b"\r\n",
+    b"Content-Length: 5\r\n", b"Content-Length: 99999999999999999999\r\n", b"Transfer-Encoding: chunked\r\n",
+    b"5\r\nhello\r\n", b"0\r\nX-T: 1\r\n\r\n", b"Connection: upgrade\r\nUpgrade: x\r\n", b"Upgrade: h2c\r\n",
+    b"Expect: 100-continue\r\n", b"Connection: close\r\n", b"hello", b"\x00\xff",
+    b"GET http://x:1/a HTTP/1.1\r\n",
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.binary(max_size=40)), max_size=25))
+def test_no_input_escapes_data_received(chunks: list[bytes]) -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, object]] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        proto = H1ServerProtocol(echo, ConnectionInfo(("127.0.0.1", 0), ("127.0.0.1", 0)), CodecSettings())
+        transport = MemoryTransport()
+        proto.connection_made(transport)
+        for chunk in chunks:
+            proto.data_received(chunk)
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        proto.connection_lost(None)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not errors
+        assert not transport.out or transport.out.startswith(b"HTTP/1.1 ")
+
+    asyncio.run(scenario())
