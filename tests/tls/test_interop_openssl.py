@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import random
 import socket
 import sys
 from pathlib import Path
@@ -315,3 +317,49 @@ async def test_server_key_update_requested_by_openssl(pki: MiniPki) -> None:
     assert b"HELLO" in rest
     conn = served.apps[0].transport.get_extra_info("tls_connection")  # type: ignore[union-attr]
     assert conn.key_updates_received == 1
+
+
+async def test_server_large_transfer_with_s_client(pki: MiniPki) -> None:
+    """64 MiB from s_client to meshlet's echo server and back, integrity checked."""
+    total = 64 << 20
+    block = random.Random(5).randbytes(1 << 16)
+    served = await meshlet_serve(_server_factory(pki), Echo)
+    proc = await asyncio.create_subprocess_exec(
+        "openssl",
+        "s_client",
+        "-connect",
+        f"127.0.0.1:{served.port}",
+        "-tls1_3",
+        "-quiet",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+
+    async def send() -> str:
+        digest = hashlib.sha256()
+        for _ in range(total // len(block)):
+            stdin.write(block)
+            digest.update(block)
+            await stdin.drain()
+        return digest.hexdigest()
+
+    async def receive() -> str:
+        digest = hashlib.sha256()
+        remaining = total
+        while remaining:
+            data = await stdout.read(min(remaining, 1 << 18))
+            assert data, "s_client closed early"
+            digest.update(data)
+            remaining -= len(data)
+        return digest.hexdigest()
+
+    try:
+        sent, received = await asyncio.wait_for(asyncio.gather(send(), receive()), 90)
+    finally:
+        proc.kill()
+        await proc.wait()
+        served.server.close()
+    assert sent == received
