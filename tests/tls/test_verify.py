@@ -14,6 +14,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from identity.pki import BOTH_AUTH, CLIENT_AUTH, SERVER_AUTH, CertAuthority, Issued, utc_now
 from meshlet.config.model import CertificateValidation, SanMatcher, SanType, StringMatcher, StringMatchKind
@@ -709,3 +711,53 @@ def test_check_san_matchers_after_stdlib_handshake(
             _stop(client)
     assert leaf_der == client_leaf.der
     assert check_san_matchers(leaf_der, matchers) is accepted
+
+
+# --------------------------------------------------------------------------- #
+# Hostile input: anything a peer sends ends in a verdict, never a crash
+# --------------------------------------------------------------------------- #
+
+_FUZZ_ROOT = CertAuthority.root("fuzz root", trust_domain=TD)
+_FUZZ_INTER = _FUZZ_ROOT.intermediate("fuzz intermediate")
+_FUZZ_LEAF = _FUZZ_INTER.issue(uris=[WEB], dns=["a.example.com"], ips=["10.1.2.3"], emails=["x@example.com"])
+_FUZZ_POLICY = PeerPolicy(
+    role=PeerRole.CLIENT,
+    bundles=TrustBundleSet.of([TrustBundle.of(TD, [_FUZZ_ROOT.cert])]),
+    trusted_roots=(_FUZZ_ROOT.cert,),
+    spiffe_ids=SpiffeIdMatcher.of([WEB]),
+    dns_names=("a.example.com",),
+    server_name="a.example.com",
+)
+
+
+def _verdict(chain_der: tuple[bytes, ...]) -> str:
+    try:
+        verify_peer(chain_der, _FUZZ_POLICY, utc_now())
+    except PeerVerificationError as err:
+        return err.alert
+    return "accepted"
+
+
+def test_fuzz_baseline_is_accepted() -> None:
+    assert _verdict(_FUZZ_LEAF.chain_der) == "accepted"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_certificates_never_crash(data: st.DataObject) -> None:
+    chain = list(_FUZZ_LEAF.chain_der)
+    index = data.draw(st.integers(0, len(chain) - 1))
+    der = bytearray(chain[index])
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(der) - 1))
+        der[position] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        der = der[: data.draw(st.integers(0, len(der)))]
+    chain[index] = bytes(der)
+    assert _verdict(tuple(chain)) in {"accepted", *AlertDescription.__members__}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=12))
+def test_random_bytes_never_crash(chain: list[bytes]) -> None:
+    assert _verdict(tuple(chain)) != "accepted"

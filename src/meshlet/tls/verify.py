@@ -239,8 +239,15 @@ def _parse_chain(chain_der: Sequence[bytes]) -> list[x509.Certificate]:
     certs = []
     for index, der in enumerate(chain_der):
         try:
-            certs.append(x509.load_der_x509_certificate(der))
-        except ValueError as err:
+            cert = x509.load_der_x509_certificate(der)
+            # Parsed lazily by cryptography: touch every part now, so that a malformed
+            # name or extension is refused here, with its index, and not deep inside.
+            _ = cert.subject, cert.issuer, cert.extensions
+            certs.append(cert)
+        except Exception as err:
+            # Not only ValueError: for DER it cannot represent cryptography also
+            # raises TypeError (a commonName encoded as a BIT STRING) and
+            # InvalidVersion; whatever a peer sends must end in an alert.
             # The Certificate message itself decoded (the engine checked its framing);
             # a certificate inside that does not parse is "corrupt": bad_certificate.
             raise PeerVerificationError(
@@ -362,6 +369,10 @@ def _build_path(
         return tuple(verifier.verify(leaf, intermediates).chain)
     except VerificationError as err:
         raise _classify_path_failure(str(err), leaf, intermediates, trust_source, policy, now) from None
+    except Exception as err:  # see _parse_chain: hostile certificates raise all sorts
+        raise PeerVerificationError(
+            AlertDescription.bad_certificate, f"peer certificate chain cannot be processed ({err})"
+        ) from None
 
 
 def _classify_path_failure(
@@ -546,6 +557,6 @@ def check_san_matchers(leaf_der: bytes, san_matchers: Sequence[SanMatcher]) -> b
         return True
     try:
         sans = PeerSans.of(x509.load_der_x509_certificate(leaf_der))
-    except ValueError:
+    except Exception:  # any parse failure (see _parse_chain) means "does not match"
         return False
     return san_matchers_match(sans, san_matchers)
