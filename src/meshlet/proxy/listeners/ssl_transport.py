@@ -288,6 +288,10 @@ class SslConnection(asyncio.Protocol):
     def raw_transport(self) -> asyncio.Transport | None:
         return self._raw
 
+    @property
+    def sslobj(self) -> ssl.SSLObject:
+        return self._ssl
+
     def set_app(self, app: asyncio.BaseProtocol) -> None:
         self._app = app
 
@@ -352,7 +356,7 @@ class TlsAppTransport(asyncio.Transport):
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         conn = self._conn
-        sslobj = conn._ssl
+        sslobj = conn.sslobj
         if name == "ssl_object":
             return sslobj
         if name == "security":
