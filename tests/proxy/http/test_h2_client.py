@@ -16,8 +16,12 @@ from pathlib import Path
 import grpc
 import h2.config
 import h2.events
+import hpack
 import pytest
 from h2.settings import SettingCodes
+from hyperframe.frame import SettingsFrame
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshlet.config.model import Http2Settings
 from meshlet.proxy.http.h2_client import H2ClientConnection, request_fields
@@ -546,3 +550,56 @@ async def test_grpcio_server_unary_streaming_and_status_trailers() -> None:
             assert status == str(grpc.StatusCode.NOT_FOUND.value[0])
         finally:
             conn.close()
+
+
+class MemoryTransport:
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+_RESPONSE_BLOCK = hpack.Encoder().encode([(":status", "200"), ("grpc-status", "0")])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 10),
+            st.sampled_from([0, 1, 4, 5, 8, 0x25]),
+            st.sampled_from([0, 1, 2, 3]),
+            st.one_of(st.binary(max_size=40), st.just(_RESPONSE_BLOCK)),
+        ),
+        max_size=8,
+    )
+)
+def test_random_upstream_frames_fail_streams_cleanly(frames: list[tuple[int, int, int, bytes]]) -> None:
+    async def feed() -> None:
+        conn = H2ClientConnection()
+        transport = MemoryTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        pending = asyncio.create_task(conn.request(get("/"), None))
+        await asyncio.sleep(0)
+        data = SettingsFrame(0).serialize()
+        for ftype, flags, sid, payload in frames:
+            data += len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
+        conn.data_received(data)  # must never raise
+        conn.connection_lost(None)
+        # The request ends one way or the other: a response or a StreamReset.
+        try:
+            response = await asyncio.wait_for(pending, 1)
+        except StreamReset:
+            return
+        with contextlib.suppress(StreamReset):
+            await asyncio.wait_for(response.body.read_all(1 << 16), 1)
+
+    asyncio.run(feed())

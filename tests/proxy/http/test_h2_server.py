@@ -14,8 +14,11 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import hpack
 import pytest
 from hyperframe.frame import GoAwayFrame, RstStreamFrame, SettingsFrame
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshlet.proxy.http.h2_server import H2ServerProtocol
 from meshlet.proxy.http.stream import CodecSettings, DownstreamStream, ResponseHead, StreamReset
@@ -446,6 +449,14 @@ async def test_hpack_bomb_beyond_decoder_bound_is_goaway() -> None:
         (b"\x00\x00\x05\x04\x00\x00\x00\x00\x00hello", h2.errors.ErrorCodes.FRAME_SIZE_ERROR),
         # WINDOW_UPDATE with a zero increment on the connection
         (b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00", h2.errors.ErrorCodes.PROTOCOL_ERROR),
+        # PING of 4 bytes instead of 8
+        (b"\x00\x00\x04\x06\x00\x00\x00\x00\x00abcd", h2.errors.ErrorCodes.FRAME_SIZE_ERROR),
+        # HEADERS whose block is not valid HPACK (index 0x7f.. beyond any table)
+        (b"\x00\x00\x02\x01\x05\x00\x00\x00\x01\xff\xff", h2.errors.ErrorCodes.COMPRESSION_ERROR),
+        # DATA larger than the 16 KiB SETTINGS_MAX_FRAME_SIZE
+        (b"\x00\x40\x01\x00\x00\x00\x00\x00\x01" + b"x" * 16385, h2.errors.ErrorCodes.FRAME_SIZE_ERROR),
+        # DATA on a stream that was never opened
+        (b"\x00\x00\x01\x00\x00\x00\x00\x00\x03x", h2.errors.ErrorCodes.PROTOCOL_ERROR),
     ],
 )
 async def test_malformed_frames_get_goaway_and_close(frame: bytes, code: int) -> None:
@@ -596,3 +607,59 @@ def test_serves_under_uvloop() -> None:
             assert rc == 0 and b"200 succeeded" in out, err
 
     uvloop.run(scenario())
+
+
+class MemoryTransport:
+    """Just enough of a transport to drive the protocol in memory."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+_REQUEST_BLOCK = hpack.Encoder().encode(
+    [(":method", "POST"), (":scheme", "http"), (":path", "/"), (":authority", "f")]
+)
+
+frame_strategy = st.tuples(
+    st.integers(0, 10),  # frame type (0-9 defined, 10 unknown)
+    st.sampled_from([0, 1, 4, 5, 8, 0x20, 0x25, 0xFF]),  # flags
+    st.sampled_from([0, 1, 3, 2, 0x7FFFFFFF]),  # stream id
+    st.one_of(st.binary(max_size=40), st.just(_REQUEST_BLOCK)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(frame_strategy, max_size=8))
+def test_random_frames_never_escape_data_received(frames: list[tuple[int, int, int, bytes]]) -> None:
+    async def feed() -> None:
+        info = ConnectionInfo(peer=("127.0.0.1", 0), local=("127.0.0.1", 0))
+        proto = H2ServerProtocol(hello, info, CodecSettings())
+        transport = MemoryTransport()
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        data = PREFACE + SettingsFrame(0).serialize()
+        for ftype, flags, sid, payload in frames:
+            data += len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
+        proto.data_received(data)  # must never raise, whatever the bytes
+        await asyncio.sleep(0.001)  # handlers run; their sends must not raise out either
+        client_goaway = any(ftype == GoAwayFrame.type for ftype, *_ in frames)
+        if transport.closed and not client_goaway:
+            assert goaway_code(bytes(transport.out)) is not None
+        proto.connection_lost(None)
+        await asyncio.sleep(0)
+
+    asyncio.run(feed())

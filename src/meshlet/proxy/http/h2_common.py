@@ -17,8 +17,9 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated
-from h2.exceptions import ProtocolError
+from h2.exceptions import DenialOfServiceError, ProtocolError
 from h2.settings import SettingCodes, Settings
+from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame
 
 from meshlet.proxy.http.stream import BodyStream, Headers, StreamReset
@@ -113,6 +114,19 @@ class MeshletH2Connection(H2Connection):  # type: ignore[misc]  # h2 is untyped 
         settings_class = Settings if config.client_side else _AdvertisedStreamLimit
         self.local_settings = settings_class(client=config.client_side, initial_values=values)
 
+    def _receive_frame(self, frame: Any) -> list[Any]:
+        try:
+            events: list[Any] = super()._receive_frame(frame)
+        except DenialOfServiceError:
+            raise
+        except ProtocolError as exc:
+            # h2 reports an undecodable field block as PROTOCOL_ERROR; RFC 9113
+            # §4.3 makes it a COMPRESSION_ERROR (the HPACK state is lost).
+            if isinstance(exc.__cause__, HPACKError):
+                raise _CompressionError(str(exc)) from exc
+            raise
+        return events
+
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Any]]:
         event = ConnectionTerminated()
         event.error_code = _error_code_from_int(frame.error_code)
@@ -125,6 +139,10 @@ class MeshletH2Connection(H2Connection):  # type: ignore[misc]  # h2 is untyped 
             stream_id=0, last_stream_id=last_stream_id, error_code=code, additional_data=debug
         )
         self._prepare_for_sending([frame])
+
+
+class _CompressionError(ProtocolError):  # type: ignore[misc]  # h2 is untyped here
+    error_code = ErrorCodes.COMPRESSION_ERROR
 
 
 def _error_code_from_int(code: int) -> ErrorCodes | int:
