@@ -268,3 +268,37 @@ def test_server_replays_rfc_resumption() -> None:
     assert out[5 : 5 + len(rfc.RESUMED_SERVER_HELLO)] == rfc.RESUMED_SERVER_HELLO
     assert server.resumed
     assert server.machine.handshake_secrets == (rfc.RESUMED_CLIENT_HS_TRAFFIC, rfc.RESUMED_SERVER_HS_TRAFFIC)
+
+
+def test_client_replays_rfc_handshake_byte_for_byte() -> None:
+    """Our client, with the RFC's randomness, decrypts the RFC's server flight
+    and answers with the RFC's client Finished record, then derives the RFC's
+    ticket PSK. Our own ClientHello differs from the RFC's in extensions we do
+    not offer (ffdhe groups, renegotiation_info, session_ticket), so the RFC's
+    hello stands in for ours in the transcript."""
+    config = TlsConfig(
+        random=scripted_random(rfc.CLIENT_HELLO[6:38], rfc.CLIENT_X25519_PRIVATE),
+        middlebox_compat=False,
+        record_size_limit=0x4001,
+    )
+    client = TlsConnection(config, client=True, server_name="server")
+    ours = client.data_to_send()
+    assert ours[5:][6:38] == rfc.CLIENT_HELLO[6:38]  # same random
+    # Same key share as the RFC's client.
+    assert rfc.CLIENT_HELLO[109:141] in ours
+    client.machine.transcript._messages[0] = rfc.CLIENT_HELLO  # type: ignore[attr-defined]
+
+    events = client.receive_data(_plaintext_record(rfc.SERVER_HELLO) + rfc.SERVER_FLIGHT_RECORD)
+    assert [type(e).__name__ for e in events] == ["HandshakeComplete"]
+    assert client.machine.handshake_secrets == (rfc.CLIENT_HS_TRAFFIC, rfc.SERVER_HS_TRAFFIC)
+    assert client.machine.application_secrets == (rfc.CLIENT_AP_TRAFFIC, rfc.SERVER_AP_TRAFFIC)
+    assert client.data_to_send() == rfc.CLIENT_FINISHED_RECORD
+    assert client.machine.resumption_master_secret == rfc.RESUMPTION_MASTER
+
+    (ticket,) = client.receive_data(rfc.TICKET_RECORD)
+    assert ticket.session.psk == rfc.TICKET_PSK  # type: ignore[union-attr]
+    client.send_application_data(rfc.APPLICATION_PAYLOAD)
+    assert client.data_to_send() == rfc.CLIENT_APPLICATION_RECORD
+    assert client.receive_data(rfc.SERVER_APPLICATION_RECORD)[0].data == rfc.APPLICATION_PAYLOAD  # type: ignore[union-attr]
+    client.close()
+    assert client.data_to_send() == rfc.CLIENT_ALERT_RECORD
