@@ -470,3 +470,26 @@ def test_unsupported_settings_are_refused(pki: Pki) -> None:
         server_tls(pki, cipher_suites=("[ECDHE-ECDSA-AES128-GCM-SHA256|ECDHE-ECDSA-CHACHA20-POLY1305]",),
                    ecdh_curves=("P-256",))
     )
+
+
+async def test_client_side_resumes_sessions(pki: Pki) -> None:
+    async with TlsServer(OpenSslTransportSocketFactory(server_tls(pki))) as srv:
+        client = OpenSslTransportSocketFactory(
+            client_tls(pki, with_cert=False, sans=(SanMatcher(SanType.DNS, exact("localhost")),))
+        )
+        resumed = []
+        for _ in range(2):
+            loop = asyncio.get_running_loop()
+            raw, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", srv.port)
+            proto = await client.connect(raw, Collect, timeout=5)
+            assert isinstance(proto, Collect) and proto.transport is not None
+            proto.transport.write(b"ping")  # reading the echo also takes in the session tickets
+            await asyncio.wait_for(proto.got.wait(), 5)
+            resumed.append(proto.security.resumed)
+            assert proto.security.peer_dns_sans == ("localhost", "server.mesh.local")
+            proto.transport.close()
+            await srv.wait_for(lambda: all(
+                isinstance(a, Echo) and a.closed.done() for a in srv.apps
+            ))
+            await asyncio.sleep(0.05)
+        assert resumed == [False, True]

@@ -65,8 +65,11 @@ class SslConnection(asyncio.Protocol):
         verify: Verifier,
         on_failure: Callable[[HandshakeError], None] | None,
         handshake_timeout: float | None,
+        on_closed: Callable[[ssl.SSLObject], None] | None = None,
     ) -> None:
         self._ssl = sslobj
+        # Called once an established connection is gone (client session caching).
+        self._on_closed = on_closed
         self._incoming = incoming
         self._outgoing = outgoing
         self._app_factory = app_factory
@@ -122,7 +125,11 @@ class SslConnection(asyncio.Protocol):
             if not self._closing:
                 self._fail(HandshakeError("connection lost during the TLS handshake", local=False))
             return
-        self._app.connection_lost(exc)
+        try:
+            self._app.connection_lost(exc)
+        finally:
+            if self._on_closed is not None:
+                self._on_closed(self._ssl)
 
     def pause_writing(self) -> None:
         if self._app is not None:

@@ -41,6 +41,8 @@ from meshlet.registry import registry
 log = logging.getLogger(__name__)
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# Upstream TLS sessions remembered per peer address, for resumption.
+MAX_CACHED_SESSIONS = 256
 
 _VERSIONS = {
     "TLS_AUTO": None,
@@ -280,6 +282,21 @@ class OpenSslTransportSocketFactory(TransportSocketFactory):
         self.context = build_ssl_context(tls)
         self.handshake_timeout = handshake_timeout
         self.local_uri_sans = _local_uri_sans(tls)
+        # Client side: the last resumable session per (peer, SNI); insertion
+        # order doubles as the eviction order.
+        self._sessions: dict[tuple[object, str | None], ssl.SSLSession] = {}
+
+    def session_for(self, key: tuple[object, str | None]) -> ssl.SSLSession | None:
+        return self._sessions.get(key)
+
+    def remember_session(self, key: tuple[object, str | None], sslobj: ssl.SSLObject) -> None:
+        session = sslobj.session
+        if session is None or not session.has_ticket:
+            return
+        self._sessions.pop(key, None)
+        self._sessions[key] = session
+        if len(self._sessions) > MAX_CACHED_SESSIONS:
+            del self._sessions[next(iter(self._sessions))]
 
     @property
     def is_tls(self) -> bool:
@@ -315,18 +332,27 @@ class OpenSslTransportSocket(TransportSocket):
         initial_data: bytes = b"",
         on_failure: Callable[[HandshakeError], None] | None = None,
     ) -> None:
-        tls = self._factory.tls
+        factory = self._factory
+        tls = factory.tls
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        sslobj = self._factory.context.wrap_bio(
+        session_key = (raw.get_extra_info("peername"), self._server_hostname)
+        sslobj = factory.context.wrap_bio(
             incoming, outgoing, server_side=tls.server_side,
             server_hostname=None if tls.server_side else self._server_hostname,
+            session=None if tls.server_side else factory.session_for(session_key),
         )
+        on_closed = None
+        if not tls.server_side:
+            def on_closed(obj: ssl.SSLObject) -> None:
+                factory.remember_session(session_key, obj)
+
         self._conn = SslConnection(
             sslobj, incoming, outgoing,
             app_factory=app_factory,
             verify=self._verify,
             on_failure=on_failure,
-            handshake_timeout=self._factory.handshake_timeout,
+            handshake_timeout=factory.handshake_timeout,
+            on_closed=on_closed,
         )
         self._conn.start(raw, initial_data)
 
