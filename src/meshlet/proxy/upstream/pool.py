@@ -146,6 +146,9 @@ class ConnectionPool:
         ``TimeoutError`` when ``timeout`` passes while queued."""
         if self._closed or self._draining:
             raise UpstreamConnectError("connection failure", "pool is draining")
+        conn = self._find_available()
+        if conn is not None:
+            return self._lease(conn)  # the common case: no timer needed
         async with asyncio.timeout(timeout):
             while True:
                 conn = self._find_available()
