@@ -40,6 +40,15 @@ def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 
 
+def key_usage(**flags: bool) -> x509.KeyUsage:
+    """A KeyUsage with only ``flags`` set, e.g. ``key_usage(digital_signature=True)``."""
+    names = (
+        "digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+        "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only",
+    )  # fmt: skip
+    return x509.KeyUsage(**{name: flags.get(name, False) for name in names})
+
+
 def _key_usage(*, ca: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=True,
@@ -192,10 +201,13 @@ class CertAuthority:
         not_after: datetime.datetime | None = None,
         common_name: str = "",
         signing_key: ec.EllipticCurvePrivateKey | None = None,
+        usage: x509.KeyUsage | None = None,
+        omit_key_usage: bool = False,
     ) -> Issued:
         """A leaf signed by this CA. ``ekus=None`` leaves the EKU extension out;
         ``ca=True`` makes a CA certificate presented as a leaf; ``signing_key``
-        signs with another key than this CA's (a forged signature)."""
+        signs with another key than this CA's (a forged signature); ``usage``
+        replaces the key usage (see ``key_usage``), ``omit_key_usage`` drops it."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = utc_now()
         builder = _base_builder(
@@ -207,7 +219,8 @@ class CertAuthority:
             not_after or now + datetime.timedelta(days=1),
         )
         builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        builder = builder.add_extension(_key_usage(ca=ca), critical=True)
+        if not omit_key_usage:
+            builder = builder.add_extension(usage or _key_usage(ca=ca), critical=True)
         if ekus is not None:
             builder = builder.add_extension(x509.ExtendedKeyUsage(list(ekus)), critical=False)
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from identity.pki import BOTH_AUTH, CLIENT_AUTH, SERVER_AUTH, CertAuthority, Issued, utc_now
+from identity.pki import BOTH_AUTH, CLIENT_AUTH, SERVER_AUTH, CertAuthority, Issued, key_usage, utc_now
 from meshlet.config.model import CertificateValidation, SanMatcher, SanType, StringMatcher, StringMatchKind
 from meshlet.identity.bundle import TrustBundle, TrustBundleSet
 from meshlet.identity.spiffe import SpiffeId, SpiffeIdMatcher
@@ -269,10 +269,16 @@ def test_invalid_spiffe_uri(inter: CertAuthority, bundles: TrustBundleSet) -> No
 
 
 def test_ca_certificate_as_leaf(inter: CertAuthority, bundles: TrustBundleSet) -> None:
-    leaf = inter.issue_svid(WEB, ca=True)
-    err = refused(leaf, client_policy(bundles))
+    svid = inter.issue_svid(WEB, ca=True)
+    err = refused(svid, client_policy(bundles))
     assert err.alert == "bad_certificate"
-    assert "basicConstraints" in err.message
+    assert "keyCertSign" in err.message
+    # With an SVID's key usage, the basic constraints alone still refuse it.
+    svid = inter.issue_svid(WEB, ca=True, usage=key_usage(digital_signature=True))
+    assert "basicConstraints" in refused(svid, client_policy(bundles)).message
+    dns_leaf = inter.issue(dns=["ca.example.com"], ca=True)
+    err = refused(dns_leaf, PeerPolicy(role=PeerRole.CLIENT, trusted_roots=(inter.cert,)))
+    assert err.alert == "bad_certificate"
 
 
 def test_leaf_without_san(inter: CertAuthority, bundles: TrustBundleSet) -> None:
@@ -761,3 +767,26 @@ def test_mutated_certificates_never_crash(data: st.DataObject) -> None:
 @given(st.lists(st.binary(max_size=300), max_size=12))
 def test_random_bytes_never_crash(chain: list[bytes]) -> None:
     assert _verdict(tuple(chain)) != "accepted"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"omit_key_usage": True}, "does not assert digitalSignature"),
+        ({"usage": key_usage(key_encipherment=True)}, "does not assert digitalSignature"),
+        ({"usage": key_usage(digital_signature=True, crl_sign=True)}, "asserts keyCertSign or cRLSign"),
+        ({"usage": key_usage(digital_signature=True, key_cert_sign=True)}, "asserts keyCertSign or cRLSign"),
+    ],
+)
+def test_svid_key_usage(
+    inter: CertAuthority, bundles: TrustBundleSet, overrides: dict[str, object], problem: str
+) -> None:
+    leaf = inter.issue_svid(WEB, **overrides)
+    err = refused(leaf, client_policy(bundles))
+    assert err.alert == "bad_certificate"
+    assert f"X.509-SVID for {WEB} {problem}" in err.message
+
+
+def test_svid_key_usage_digital_signature_only(inter: CertAuthority, bundles: TrustBundleSet) -> None:
+    leaf = inter.issue_svid(WEB, usage=key_usage(digital_signature=True))
+    assert verify_peer(leaf.chain_der, client_policy(bundles), utc_now())

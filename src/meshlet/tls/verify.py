@@ -219,6 +219,8 @@ def verify_peer(chain_der: Sequence[bytes], policy: PeerPolicy, now: datetime.da
     leaf = certs[0]
     sans = _leaf_sans(leaf)
     spiffe_id = _svid_identity(sans)
+    if spiffe_id is not None:
+        _check_svid_key_usage(leaf, spiffe_id)
     store, trust_source = _trust_anchors(spiffe_id, policy)
     _check_validity_window(leaf, "peer certificate", now)
     path = _build_path(leaf, certs[1:], store, trust_source, policy, now)
@@ -283,6 +285,22 @@ def _svid_identity(sans: PeerSans) -> SpiffeId | None:
         raise PeerVerificationError(
             AlertDescription.bad_certificate, f"peer's URI SAN is not a valid SPIFFE ID: {err}"
         ) from None
+
+
+def _check_svid_key_usage(leaf: x509.Certificate, spiffe_id: SpiffeId) -> None:
+    """X.509-SVID spec §4.3 (as go-spiffe enforces it): a leaf SVID asserts
+    digitalSignature and neither keyCertSign nor cRLSign."""
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    problem = ""
+    if usage is None or not usage.digital_signature:
+        problem = "does not assert digitalSignature key usage"
+    elif usage.key_cert_sign or usage.crl_sign:
+        problem = "asserts keyCertSign or cRLSign key usage, which only CA certificates may"
+    if problem:
+        raise PeerVerificationError(AlertDescription.bad_certificate, f"X.509-SVID for {spiffe_id} {problem}")
 
 
 def _trust_anchors(spiffe_id: SpiffeId | None, policy: PeerPolicy) -> tuple[Store, str]:
