@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from identity.pki import BOTH_AUTH, CLIENT_AUTH, SERVER_AUTH, CertAuthority, Issued, key_usage, utc_now
 from meshlet.config.model import CertificateValidation, SanMatcher, SanType, StringMatcher, StringMatchKind
+from meshlet.errors import ConfigError
 from meshlet.identity.bundle import TrustBundle, TrustBundleSet
 from meshlet.identity.spiffe import SpiffeId, SpiffeIdMatcher
 from meshlet.tls.alerts import AlertDescription, TlsAlertError
@@ -790,3 +791,16 @@ def test_svid_key_usage(
 def test_svid_key_usage_digital_signature_only(inter: CertAuthority, bundles: TrustBundleSet) -> None:
     leaf = inter.issue_svid(WEB, usage=key_usage(digital_signature=True))
     assert verify_peer(leaf.chain_der, client_policy(bundles), utc_now())
+
+
+def test_from_validation_refuses_bad_pem() -> None:
+    with pytest.raises(ConfigError, match="trusted_ca: not PEM certificates"):
+        PeerPolicy.from_validation(CertificateValidation(trusted_ca_pem=b"garbage"), role=PeerRole.SERVER)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"), [({"max_chain_depth": -1}, "negative"), ({"server_name": ""}, "empty")]
+)
+def test_policy_refuses_nonsense(kwargs: dict[str, object], reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        PeerPolicy(role=PeerRole.SERVER, **kwargs)  # type: ignore[arg-type]

@@ -47,6 +47,7 @@ from cryptography.x509.verification import (
 )
 
 from meshlet.config.model import CertificateValidation, SanMatcher, SanType, StringMatchKind
+from meshlet.errors import ConfigError
 from meshlet.identity.bundle import TrustBundleSet
 from meshlet.identity.spiffe import SpiffeId, SpiffeIdError, SpiffeIdMatcher
 from meshlet.tls.alerts import AlertDescription, TlsAlertError
@@ -112,6 +113,10 @@ class PeerPolicy:
     _trusted_store: Store | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
+        if self.max_chain_depth < 0:
+            raise ValueError(f"max_chain_depth must not be negative (got {self.max_chain_depth})")
+        if self.server_name == "":
+            raise ValueError("server_name is empty (use None to skip the server name check)")
         if self.trusted_roots:
             # Built once per policy: a Store is immutable and costs a copy of every root.
             object.__setattr__(self, "_trusted_store", Store(list(self.trusted_roots)))
@@ -127,10 +132,14 @@ class PeerPolicy:
     ) -> PeerPolicy:
         """The policy of an Envoy ``CertificateValidationContext`` (compiled):
         ``trusted_ca`` becomes ``trusted_roots``, SAN matchers carry over.
-        ``accept_untrusted`` means "do not verify": callers skip ``verify_peer``."""
+        ``accept_untrusted`` means "do not verify": callers skip ``verify_peer``.
+        Raises ``ConfigError`` for a ``trusted_ca`` that is not PEM certificates."""
         roots: tuple[x509.Certificate, ...] = ()
         if validation.trusted_ca_pem:
-            roots = tuple(x509.load_pem_x509_certificates(validation.trusted_ca_pem))
+            try:
+                roots = tuple(x509.load_pem_x509_certificates(validation.trusted_ca_pem))
+            except ValueError as err:
+                raise ConfigError("trusted_ca", f"not PEM certificates ({err})") from None
         return cls(
             role=role,
             bundles=bundles if bundles is not None else TrustBundleSet(),
@@ -200,6 +209,10 @@ class VerifiedPeer:
     @property
     def dns_sans(self) -> tuple[str, ...]:
         return self.sans.dns
+
+    @property
+    def ip_sans(self) -> tuple[str, ...]:
+        return self.sans.ips
 
     @property
     def subject(self) -> str:
