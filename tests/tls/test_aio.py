@@ -255,3 +255,33 @@ def test_thousands_of_handshakes_paused_at_once(pki: MiniPki) -> None:
         assert isinstance(events[0], HandshakeComplete)
         server_events = server.receive_data(client.data_to_send())
         assert isinstance(server_events[0], HandshakeComplete)
+
+
+def test_key_provider_from_the_registry_signs(pki: MiniPki) -> None:
+    from dataclasses import replace
+
+    from meshlet.config.model import PrivateKeyProviderConfig
+    from meshlet.registry import registry
+
+    server_ctx, _ = _contexts(pki)
+    leaf_key = LocalKey.from_pem(server_ctx.certificates[0].private_key_pem or b"")
+    built: list[PrivateKeyProviderConfig] = []
+
+    def factory(provider: PrivateKeyProviderConfig) -> SlowKey:
+        built.append(provider)
+        return SlowKey(leaf_key, 0)
+
+    name = "meshlet.test.slow_key"
+    if name not in registry.names("key_provider"):
+        registry.register("key_provider", name, factory)
+    provider = PrivateKeyProviderConfig(name, {"delay": 0})
+    cert = replace(server_ctx.certificates[0], private_key_pem=None, private_key_provider=provider)
+    config = config_from_context(replace(server_ctx, certificates=(cert,)))
+    assert isinstance(config.key, SlowKey)
+
+    missing = PrivateKeyProviderConfig("meshlet.test.absent", {}, fallback=True)
+    with_fallback = replace(server_ctx.certificates[0], private_key_provider=missing)
+    assert isinstance(config_from_context(replace(server_ctx, certificates=(with_fallback,))).key, LocalKey)
+    without = replace(with_fallback, private_key_pem=None)
+    with pytest.raises(UnsupportedConfig):
+        config_from_context(replace(server_ctx, certificates=(without,)))

@@ -23,7 +23,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from meshlet.config.model import TlsContext
+from meshlet.config.model import TlsCertificate, TlsContext
 from meshlet.errors import ConfigError, UnsupportedConfig
 from meshlet.proxy.transport import (
     AppProtocolFactory,
@@ -87,7 +87,7 @@ def config_from_context(context: TlsContext) -> TlsConfig:
         chain = tuple(
             c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(cert.cert_chain_pem)
         )
-        key = _key_handle(cert.private_key_pem, cert.private_key_provider)
+        key = _key_handle(cert)
     elif context.server_side:
         raise ConfigError("common_tls_context.tls_certificates", "a server TLS context needs a certificate")
     validation = context.validation
@@ -104,22 +104,32 @@ def config_from_context(context: TlsContext) -> TlsConfig:
     )
 
 
-def _key_handle(private_key_pem: bytes | None, provider: object | None) -> KeyHandle:
+_CERT_PATH = "common_tls_context.tls_certificates[0]"
+
+
+def _key_handle(cert: TlsCertificate) -> KeyHandle:
+    """The certificate's signer: its key provider (``key_provider`` registry
+    entries are called as ``factory(PrivateKeyProviderConfig) -> KeyHandle``),
+    or the in-process key, which also serves as the provider's fallback."""
+    provider = cert.private_key_provider
     if provider is not None:
-        name = getattr(provider, "provider_name", "")
-        ext = registry.lookup(
-            "key_provider", name=name, path="common_tls_context.tls_certificates[0].private_key_provider"
-        )
-        handle = ext.factory(provider)
-        if not isinstance(handle, KeyHandle):
-            raise ConfigError("private_key_provider", f"key provider {name!r} did not build a key handle")
-        return handle
-    if private_key_pem is None:
-        raise ConfigError("common_tls_context.tls_certificates[0]", "no private key or key provider")
+        path = f"{_CERT_PATH}.private_key_provider"
+        try:
+            ext = registry.lookup("key_provider", name=provider.provider_name, path=path)
+        except UnsupportedConfig:
+            if not (provider.fallback and cert.private_key_pem):
+                raise
+        else:
+            handle = ext.factory(provider)
+            if not isinstance(handle, KeyHandle):
+                raise ConfigError(path, f"key provider {provider.provider_name!r} did not build a key handle")
+            return handle
+    if cert.private_key_pem is None:
+        raise ConfigError(_CERT_PATH, "no private key or key provider")
     try:
-        return LocalKey.from_pem(private_key_pem)
+        return LocalKey.from_pem(cert.private_key_pem)
     except ValueError as exc:
-        raise ConfigError("common_tls_context.tls_certificates[0].private_key", str(exc)) from None
+        raise ConfigError(f"{_CERT_PATH}.private_key", str(exc)) from None
 
 
 def _verifier(context: TlsContext) -> PeerVerifier | None:
