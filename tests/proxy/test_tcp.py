@@ -234,3 +234,23 @@ async def test_interop_with_curl_through_tcp_proxy(runtime: ProxyRuntime) -> Non
             await proc.wait()
         server.close()
         up.close()
+
+
+async def test_next_host_after_a_failed_connect(runtime: ProxyRuntime) -> None:
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello from the live host")
+        await writer.drain()
+        writer.close()
+
+    up, port = await _start_upstream(upstream)
+    runtime.cluster_manager().update({"svc": _cluster("svc", [_free_port(), port])})
+    cfg = TcpProxyConfig(stat_prefix="retry", cluster="svc", max_connect_attempts=2)
+    server = await _serve_proxy(TcpProxy(cfg, runtime))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        assert await asyncio.wait_for(reader.read(), 5) == b"hello from the live host"
+        writer.close()
+        assert runtime.stats.value("cluster.svc.upstream_cx_connect_fail") == 1
+    finally:
+        server.close()
+        up.close()

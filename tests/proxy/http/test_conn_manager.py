@@ -566,3 +566,12 @@ async def test_codec_errors_are_counted_and_logged(proxy_factory: Any, tmp_path:
     assert proxy.stat("http.ingress.downstream_rq_4xx") == 1
     await WRITERS.flush()
     assert log.read_text() == "400 DPE\n"
+
+
+async def test_request_timeout_is_408(proxy_factory: Any, sample: Sample) -> None:
+    config = hcm_config(route("all", "/", ClusterAction("app")), request_timeout=0.2)
+    proxy = await proxy_factory(config, {"app": cluster("app", [sample.port])})
+    async with httpx.AsyncClient(base_url=proxy.url) as client:
+        resp = await client.get("/delay/3000")
+    assert (resp.status_code, resp.text) == (408, "request timeout")
+    assert proxy.stat("http.ingress.downstream_rq_timeout") == 1

@@ -27,7 +27,13 @@ from meshlet.proxy.http.h1_client import H1ClientConnection
 from meshlet.proxy.http.h2_client import H2ClientConnection
 from meshlet.proxy.http.stream import UpstreamConnection
 from meshlet.proxy.observe.stats import Counter, Scope
-from meshlet.proxy.transport import PLAIN, AppProtocolFactory, SecurityInfo, TransportSocketFactory
+from meshlet.proxy.transport import (
+    PLAIN,
+    AppProtocolFactory,
+    HandshakeError,
+    SecurityInfo,
+    TransportSocketFactory,
+)
 from meshlet.proxy.upstream.dns import DnsRefresher
 from meshlet.proxy.upstream.lb import LoadBalancer, make_lb
 from meshlet.proxy.upstream.pool import (
@@ -176,8 +182,35 @@ def transport_factory(cfg: TransportSocketConfig, default_engine: str) -> Transp
     return make_factory(cfg, default_engine=default_engine)
 
 
+# Bytes a server may send before its connection is handed over (servers
+# that speak first: SMTP, MySQL...); past this, reading pauses.
+_EARLY_DATA_LIMIT = 64 * 1024
+
+
 class _PreHandshake(asyncio.Protocol):
-    """Holds a fresh TCP connection until the transport socket takes it over."""
+    """Holds a fresh TCP connection until the transport socket takes it over,
+    keeping what the server sends in the meantime."""
+
+    def __init__(self) -> None:
+        self.early = bytearray()
+        self.eof = False
+        self.lost = False
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data
+        if len(self.early) >= _EARLY_DATA_LIMIT and self._transport is not None:
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # the application protocol decides once it is installed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
 
 
 class ClusterRuntime:
@@ -316,16 +349,50 @@ class ClusterRuntime:
             raise UpstreamConnectError("connection timeout", f"connecting to {addr}") from None
         except OSError as exc:
             raise UpstreamConnectError("connection failure", f"{addr}: {exc.strerror or exc}") from None
+        pre = cast(_PreHandshake, raw.get_protocol())
         try:
-            return await self.transport.connect(
-                raw,
-                app_factory,
-                server_hostname=self._sni(host),
-                timeout=max(deadline - loop.time(), 0.001),
-            )
+            return await self._hand_over(raw, pre, app_factory, self._sni(host), deadline - loop.time())
+        except TimeoutError:
+            raw.abort()
+            self.stats.connections.cx_connect_timeout.inc()
+            raise UpstreamConnectError("connection timeout", f"handshake with {addr}") from None
         except Exception as exc:
             raw.abort()
             raise UpstreamConnectError("connection failure", f"{addr}: {exc}") from None
+
+    async def _hand_over(
+        self,
+        raw: asyncio.Transport,
+        pre: _PreHandshake,
+        app_factory: AppProtocolFactory,
+        sni: str | None,
+        timeout: float,
+    ) -> asyncio.BaseProtocol:
+        """Start the transport socket on ``raw`` with whatever the server sent
+        already, and wait for the application protocol."""
+        if pre.lost:
+            raise ConnectionError("closed by the upstream before the handshake")
+        done: asyncio.Future[asyncio.BaseProtocol] = asyncio.get_running_loop().create_future()
+
+        def factory(security: SecurityInfo) -> asyncio.BaseProtocol:
+            proto = app_factory(security)
+            if not done.done():
+                done.set_result(proto)
+            return proto
+
+        def failed(err: HandshakeError) -> None:
+            if not done.done():
+                done.set_exception(err)
+
+        early = bytes(pre.early)
+        self.transport.create(server_hostname=sni).start(raw, factory, initial_data=early, on_failure=failed)
+        if len(early) >= _EARLY_DATA_LIMIT:
+            raw.resume_reading()
+        if pre.eof:
+            current = raw.get_protocol()
+            if isinstance(current, asyncio.Protocol) and not current.eof_received():
+                raw.close()
+        return await asyncio.wait_for(done, max(timeout, 0.001))
 
     def _sni(self, host: Host) -> str | None:
         tls = self.config.transport_socket.tls
