@@ -95,10 +95,10 @@ class Watchdog:
         self._last = self._loop.time()
 
     def drop_deadline(self) -> None:
-        """Tunnels (upgrades) outlive the route timeout."""
+        """Tunnels (upgrades) outlive the route timeout; bytes from the client
+        still count as activity against the idle timeout."""
         self._route_timeout = None
         self._deadline = None
-        self._body = None
 
     def stop(self) -> None:
         if self._timer is not None:
