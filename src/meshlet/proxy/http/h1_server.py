@@ -210,6 +210,7 @@ class H1ServerStream:
         "_expect_continue",
         "_framing",
         "_head_sent",
+        "_held",
         "_keep_alive",
         "_pressured",
         "_raw_body_left",
@@ -231,6 +232,7 @@ class H1ServerStream:
         self._tunnel_request = parsed.tunnel
         self._raw_body_left = parsed.raw_body
         self._head_sent = False
+        self._held: bytes | None = None
         self._dispatched = False
         self._done = False
         self._request_done = False
@@ -261,11 +263,14 @@ class H1ServerStream:
             return
         data = self._encode_head(head, end_stream)
         self._head_sent = True
-        conn.write(data)
         if end_stream:
+            conn.write(data)
             self._finish()
-        elif conn.write_paused:
-            await conn.writable()
+            return
+        # Held until the first body bytes (or the end of this loop iteration)
+        # so that head and body usually leave in one write: one syscall.
+        self._held = data
+        conn.flush_soon(self)
 
     async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
         conn = self._conn
@@ -274,15 +279,21 @@ class H1ServerStream:
         if conn.closed:
             raise StreamReset("CONNECTION_RESET", "downstream connection closed")
         framing = self._framing
+        payload: tuple[bytes, ...]
         if framing == _LENGTH:
-            self._write_counted(data, end_stream)
+            self._count(len(data), end_stream)
+            payload = (data,) if data else ()
         elif framing == _CHUNKED:
             if data:
-                conn.writelines((chunk_prefix(len(data)), data, CRLF))
-            if end_stream:
-                conn.write(LAST_CHUNK)
-        elif framing != _NO_BODY and data:
-            conn.write(data)
+                chunk = (chunk_prefix(len(data)), data, CRLF)
+                payload = (*chunk, LAST_CHUNK) if end_stream else chunk
+            else:
+                payload = (LAST_CHUNK,) if end_stream else ()
+        elif framing == _NO_BODY or not data:
+            payload = ()
+        else:
+            payload = (data,)
+        self._write(payload)
         if end_stream:
             self._finish()
         elif conn.write_paused:
@@ -295,17 +306,28 @@ class H1ServerStream:
         if conn.closed:
             raise StreamReset("CONNECTION_RESET", "downstream connection closed")
         if self._framing == _CHUNKED:
-            conn.write(last_chunk(trailers))
-        elif self._framing == _LENGTH and self._remaining:
-            self._truncated("response body shorter than its content-length")
-        # Other framings have nowhere to put trailers: they are dropped.
+            self._write((last_chunk(trailers),))
+        else:
+            if self._framing == _LENGTH and self._remaining:
+                self._truncated("response body shorter than its content-length")
+            # Other framings have nowhere to put trailers: they are dropped.
+            self._write(())
         self._finish()
+
+    def flush_held(self) -> None:
+        """Write a held response head that no body bytes came to join."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self._conn.closed:
+                self._conn.write(held)
 
     def reset(self, code: str = "INTERNAL_ERROR") -> None:
         """HTTP/1.1 has no stream reset: the connection is closed instead."""
         if self._done:
             return
         self._done = True
+        self.flush_held()  # the client then sees a head and a truncated body
         self._conn.stream_reset(self)
 
     # -- response framing ------------------------------------------------- #
@@ -355,15 +377,22 @@ class H1ServerStream:
         self._keep_alive = keep_alive
         return serialize_head(f"HTTP/1.1 {status} {reason_phrase(status, head.reason)}\r\n", lines)
 
-    def _write_counted(self, data: bytes, end_stream: bool) -> None:
-        size = len(data)
+    def _count(self, size: int, end_stream: bool) -> None:
         if size > self._remaining:
             self._truncated("response body longer than its content-length")
         self._remaining -= size
-        if size:
-            self._conn.write(data)
         if end_stream and self._remaining:
             self._truncated("response body shorter than its content-length")
+
+    def _write(self, payload: tuple[bytes, ...]) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._conn.writelines((held, *payload))
+        elif len(payload) == 1:
+            self._conn.write(payload[0])
+        elif payload:
+            self._conn.writelines(payload)
 
     def _truncated(self, detail: str) -> None:
         self.reset()
@@ -564,6 +593,10 @@ class H1ServerProtocol(asyncio.Protocol):
     def writelines(self, parts: tuple[bytes, ...]) -> None:
         assert self._transport is not None
         self._transport.writelines(parts)
+
+    def flush_soon(self, stream: H1ServerStream) -> None:
+        assert self._loop is not None
+        self._loop.call_soon(stream.flush_held)
 
     async def writable(self) -> None:
         """Wait until the client has drained the write buffer below its low mark."""
