@@ -15,7 +15,7 @@ import httpx
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import RequestReceived, StreamEnded
+from h2.events import DataReceived, RequestReceived, StreamEnded, TrailersReceived
 
 from meshlet.config.model import (
     Cluster,
@@ -45,6 +45,8 @@ class UpstreamState:
     active: int = 0
     max_active: int = 0
     paths: list[str] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    trailers: list[dict[str, str]] = field(default_factory=list)
 
 
 class H2Upstream(asyncio.Protocol):
@@ -71,6 +73,11 @@ class H2Upstream(asyncio.Protocol):
                 self.state.paths.append(str(headers[":path"]))
                 self.state.active += 1
                 self.state.max_active = max(self.state.max_active, self.state.active)
+            if isinstance(event, DataReceived):
+                self.state.bodies.append(event.data)
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if isinstance(event, TrailersReceived):
+                self.state.trailers.append({str(k): str(v) for k, v in event.headers})
             if isinstance(event, StreamEnded):
                 path = paths.get(event.stream_id, "/")
                 asyncio.get_running_loop().call_later(0.1, self._respond, event.stream_id, path)
@@ -174,5 +181,20 @@ async def test_http2_trailers_reach_an_http1_client_in_the_last_chunk(setup: Set
             rest += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert b"grpc-status: 0" in rest
         assert b"grpc-message: ok" in rest
+    finally:
+        writer.close()
+
+
+async def test_request_trailers_reach_an_http2_upstream(setup: Setup) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", setup.port)
+    try:
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nte: trailers\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nx-checksum: abc123\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"".join(setup.state.bodies) == b"hello"
+        assert setup.state.trailers == [{"x-checksum": "abc123"}]
     finally:
         writer.close()
