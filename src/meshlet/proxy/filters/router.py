@@ -176,7 +176,7 @@ class Router(TerminalFilter):
         stats = ctx.responder.router_stats
         if route is None:
             stats.no_route.inc()
-            await self._reply(ctx, NO_ROUTE)
+            await ctx.send_local_reply(NO_ROUTE)
             return
         action = route.action
         if isinstance(action, ClusterAction):
@@ -188,27 +188,22 @@ class Router(TerminalFilter):
             stats.rq_redirect.inc()
             await ctx.send_local_reply(redirect(action.response_code, redirect_location(ctx.head, route)))
 
-    @staticmethod
-    async def _reply(ctx: RequestContext, reply: LocalReply) -> None:
-        ctx.info.flags |= reply.flag
-        await ctx.send_local_reply(reply)
-
     async def _forward(self, ctx: RequestContext, route: Route, action: ClusterAction) -> None:
         ctx.info.upstream_cluster = action.cluster
         cluster = self._runtime.cluster_manager().get(action.cluster)
         if cluster is None:
             ctx.responder.router_stats.no_cluster.inc()
-            await self._reply(ctx, CLUSTER_NOT_FOUND)
+            await ctx.send_local_reply(CLUSTER_NOT_FOUND)
             return
         upgrade = upgrade_type(ctx.head)
         if upgrade and upgrade not in action.upgrades and upgrade not in ctx.responder.allowed_upgrades:
-            await self._reply(ctx, UPGRADE_REFUSED)
+            await ctx.send_local_reply(UPGRADE_REFUSED)
             return
         if not cluster.ready:
             await cluster.wait_ready(cluster.config.connect_timeout)
         host = cluster.choose_host()
         if host is None:
-            await self._reply(ctx, NO_HEALTHY_UPSTREAM)
+            await ctx.send_local_reply(NO_HEALTHY_UPSTREAM)
             return
         self._finalize_request(ctx, route, action, host, self._envoy_headers)
         assert ctx.vhost is not None
@@ -359,7 +354,6 @@ class _Exchange:
         return True
 
     async def _fail(self, reply: LocalReply) -> None:
-        self._ctx.info.flags |= reply.flag
         await self._ctx.send_local_reply(reply)
 
     def _reset_after_head(self, exc: StreamReset) -> None:

@@ -39,7 +39,7 @@ from meshlet.proxy.filters.base import (
 )
 from meshlet.proxy.http.codec_select import HTTP2, DownstreamConnection, choose_codec
 from meshlet.proxy.http.headers import RequestHeaderPolicy
-from meshlet.proxy.http.local_reply import LocalReply, response_head, send_local_reply
+from meshlet.proxy.http.local_reply import REQUEST_TIMEOUT, LocalReply, response_head, send_local_reply
 from meshlet.proxy.http.stream import CodecSettings, DownstreamStream, RequestHead, ResponseHead, StreamReset
 from meshlet.proxy.observe.access_log import AccessLog, ResponseFlag, StreamInfo, build_access_logs
 from meshlet.proxy.observe.stats import Counter, Scope
@@ -250,7 +250,6 @@ class HttpConnectionManager(Responder):
         for flt in self._request_filters:
             reply = await flt.on_request(ctx)
             if reply is not None:
-                ctx.info.flags |= reply.flag
                 await self.send_local_reply(ctx, reply)
                 return
         if self.config.request_timeout:
@@ -263,10 +262,7 @@ class HttpConnectionManager(Responder):
             await self._router.serve(ctx)
 
     async def _request_timed_out(self, ctx: RequestContext) -> None:
-        from meshlet.proxy.http.local_reply import REQUEST_TIMEOUT
-
         self.stats.rq_timeout.inc()
-        ctx.info.flags |= REQUEST_TIMEOUT.flag
         await self.send_local_reply(ctx, REQUEST_TIMEOUT)
 
     def _response_mutations_for(self, vhost: VirtualHost, route: Route) -> tuple[HeaderMutation, ...]:
@@ -293,6 +289,7 @@ class HttpConnectionManager(Responder):
 
     async def send_local_reply(self, ctx: RequestContext, reply: LocalReply) -> None:
         info = ctx.info
+        info.flags |= reply.flag
         info.response_code_details = reply.details
         if ctx.stream.head_sent:
             ctx.stream.reset("INTERNAL_ERROR")
