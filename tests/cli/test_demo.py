@@ -53,3 +53,48 @@ def test_demo_once_from_the_command_line() -> None:
     for expected in ("200 x", "404 x", "503 x", "504 x", "http.demo.downstream_rq_total"):
         assert expected in out, out
     assert "status mix 2xx:" in out
+
+
+@pytest.mark.slow
+def test_interactive_demo_runs_until_ctrl_c_and_stops_everything() -> None:
+    """With a terminal on stdin the demo keeps serving; Ctrl-C (SIGINT) stops the
+    proxy and the app, and their ports are free again afterwards."""
+    import pty
+    import re
+    import select
+    import signal
+    import time
+
+    primary, secondary = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    proc = subprocess.Popen([sys.executable, "-m", "meshlet.cli.main", "demo", "--requests", "20"],
+                            stdin=secondary, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    os.close(secondary)
+    output = b""
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while b"Ctrl-C stops everything" not in output:
+            assert time.monotonic() < deadline, output.decode(errors="replace")
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                assert chunk, output.decode(errors="replace")
+                output += chunk
+        text = output.decode(errors="replace")
+        proxy_port = int(re.search(r"meshlet proxy on http://127\.0\.0\.1:(\d+)", text).group(1))  # type: ignore[union-attr]
+        app_port = int(re.search(r"sample app on http://127\.0\.0\.1:(\d+)", text).group(1))  # type: ignore[union-attr]
+        time.sleep(1.0)
+        assert proc.poll() is None  # still serving
+        with socket.create_connection(("127.0.0.1", proxy_port), timeout=5):
+            pass
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        os.close(primary)
+    for port in (proxy_port, app_port):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
