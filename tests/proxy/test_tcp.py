@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+import uvloop
 
 from meshlet.config.model import (
     AccessLogConfig,
@@ -25,6 +26,17 @@ from meshlet.proxy.runtime import ProxyRuntime
 from meshlet.proxy.tcp import TcpProxy
 from meshlet.proxy.transport import ConnectionInfo
 from meshlet.proxy.upstream.manager import ClusterManager
+
+# Both event loops the proxy runs on: uvloop transports are not asyncio.Transport
+# subclasses and differ in EOF and flow-control details.
+pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture')
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    if request.param == "uvloop":
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
 
 
 def _cluster(name: str, ports: list[int], connect_timeout: float = 1.0) -> Cluster:

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
+import uvloop
 
 from meshlet.config.model import (
     AccessLogConfig,
@@ -53,6 +54,18 @@ ROOT = Path(__file__).resolve().parents[3]
 CONNECT_FAILURE = (
     b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
 )
+
+
+# Both event loops the proxy runs on: uvloop transports are not asyncio.Transport
+# subclasses and differ in EOF and flow-control details.
+pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture')
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    if request.param == "uvloop":
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
 
 
 def _load_sample_app() -> ModuleType:
