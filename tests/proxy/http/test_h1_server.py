@@ -617,6 +617,25 @@ async def test_drain_closes_idle_and_marks_the_next_response_close() -> None:
         busy_writer.close()
 
 
+async def test_early_response_reaches_a_client_still_sending_its_body() -> None:
+    async def reject(stream: DownstreamStream) -> None:
+        body = b"too large\n"
+        await stream.send_head(ResponseHead(413, [("content-length", str(len(body)))]))
+        await stream.send_data(body, end_stream=True)
+
+    async with serve(reject) as srv:
+        reader, writer = await srv.connect()
+        writer.write(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 8000000\r\n\r\n")
+        block = b"b" * 65536
+        for _ in range(60):  # keeps sending after the answer: no RST may destroy it
+            writer.write(block)
+            await asyncio.wait_for(writer.drain(), 5)
+        data = await read_to_eof(reader)
+        assert data.startswith(b"HTTP/1.1 413 ") and data.endswith(b"too large\n")
+        assert b"connection: close" in data
+        writer.close()
+
+
 # -- backpressure ------------------------------------------------------------------ #
 
 

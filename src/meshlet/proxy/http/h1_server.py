@@ -352,7 +352,11 @@ class H1ServerStream:
             if k == "content-length":
                 content_length = v
             lines.append(f"{k}: {v}\r\n")
-        keep_alive = self._keep_alive and not self._conn.draining and not self._tunnel_request
+        # A response that starts before its request is complete closes the
+        # connection (the rest of the request is never read), so say so.
+        keep_alive = (
+            self._keep_alive and self._request_done and not self._conn.draining and not self._tunnel_request
+        )
         if tunnel:
             self._framing = _TUNNEL
         elif response_has_no_body(status, request.method):
@@ -532,10 +536,10 @@ class H1ServerProtocol(asyncio.Protocol):
         self._go_idle()
 
     def data_received(self, data: bytes) -> None:
+        if self._closing or self._pause_reasons & _PAUSE_HALTED:
+            return  # input after the last response (lingering close) is dropped
         if self._tunnel is not None:
             self._tunnel.body.feed(data)
-        elif self._pause_reasons & _PAUSE_HALTED or self._closing:
-            return
         elif self._backlog is not None:
             self._backlog += data
         else:
