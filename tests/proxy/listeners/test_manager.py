@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from tls_helpers import server_tls, uri_san
+from listener_tls_helpers import server_tls, uri_san
 
 from certs import CLIENT_SPIFFE_ID, Pki, make_pki
 from meshlet.config.model import (

@@ -9,7 +9,7 @@ import ssl
 from pathlib import Path
 
 import pytest
-from tls_helpers import Echo, TlsServer, client_tls, exact, prefix, server_tls, uri_san
+from listener_tls_helpers import Echo, TlsServer, client_tls, exact, prefix, server_tls, uri_san
 
 from certs import CLIENT_SPIFFE_ID, SERVER_SPIFFE_ID, Pki, make_pki
 from meshlet.config.model import SanMatcher, SanType, TlsCertificate, TlsContext, TransportSocketConfig
