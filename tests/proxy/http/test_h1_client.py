@@ -4,10 +4,15 @@ raw sockets, and meshlet's own HTTP/1.1 server codec."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
+import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -206,6 +211,104 @@ async def test_head_and_204_have_no_body(stdlib_server: tuple[int, list[int]]) -
         # The connection is still in sync after both.
         assert await request(conn, get("/after")) == (200, b"hello /after host=upstream.test")
         assert len(set(peers)) == 1
+    finally:
+        conn.close()
+
+
+# -- nginx, an independent HTTP/1.1 server ------------------------------------------------ #
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+error_log {root}/error.log;
+pid {root}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    keepalive_requests 3;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root}/www;
+        location = /conn {{ return 200 "$connection $connection_requests"; }}
+        location = /empty {{ return 204; }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx not installed")
+    (tmp_path / "www").mkdir()
+    big = bytes(range(256)) * (8 * 4096)  # 8 MiB
+    (tmp_path / "www" / "big.bin").write_bytes(big)
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(root=tmp_path, port=port))
+    proc = subprocess.Popen(
+        ["nginx", "-p", str(tmp_path), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail("nginx did not start: " + (tmp_path / "error.log").read_text())
+                time.sleep(0.05)
+        yield port, big
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.mark.interop
+async def test_against_nginx(nginx: tuple[int, bytes]) -> None:
+    port, big = nginx
+    conn = await connect(port)
+    try:
+        status, first = await request(conn, get("/conn"))
+        assert status == 200 and first.endswith(b" 1")
+        connection_number = first.split()[0]
+        # A HEAD of a large file: the length is announced, no body follows.
+        response = await asyncio.wait_for(conn.request(get("/big.bin", "HEAD"), None), 5)
+        assert response.head.get("content-length") == str(len(big))
+        assert await asyncio.wait_for(response.body.read_all(10), 5) == b""
+        # Same connection, third and last request nginx allows on it.
+        status, third = await request(conn, get("/conn"))
+        assert third == connection_number + b" 3"
+        assert not conn.available  # nginx said Connection: close
+    finally:
+        conn.close()
+
+    conn = await connect(port, buffer_limit=128 * 1024)
+    try:
+        assert await request(conn, get("/empty")) == (204, b"")
+        # nginx discards a body it does not need, chunked or not, and keeps the connection.
+        upload = BodyStream()
+        await upload.write(b"x" * 10000)
+        upload.end()
+        assert (await request(conn, get("/empty", "POST"), upload))[0] == 204
+        assert conn.available
+        response = await asyncio.wait_for(conn.request(get("/big.bin"), None), 5)
+        await asyncio.sleep(0.2)  # nginx runs ahead while nobody reads: reading pauses
+        assert response.body.buffered <= 128 * 1024 + 512 * 1024
+        assert await asyncio.wait_for(response.body.read_all(len(big)), 5) == big
     finally:
         conn.close()
 
