@@ -372,6 +372,27 @@ async def test_curl_reuses_the_connection_and_reads_chunked() -> None:
         assert len(srv.protocols) == 1
 
 
+@pytest.mark.interop
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load not installed")
+async def test_h2load_pipelines_http1_requests() -> None:
+    async with serve(echo) as srv:
+        proc = await asyncio.create_subprocess_exec(
+            "h2load", "--h1", "-n", "2000", "-c", "4", "-m", "10", "-T", "5",
+            f"http://127.0.0.1:{srv.port}/pipelined",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 8)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        report = out.decode()
+        assert "2000 succeeded, 0 failed, 0 errored" in report, report + err.decode()
+        assert "status codes: 2000 2xx" in report
+        assert len(srv.protocols) == 4
+
+
 async def test_httpx_client() -> None:
     async with serve(echo) as srv, httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.port}") as client:
         first = await client.get("/a", params={"x": "1"}, headers={"X-Custom": "yes"})
