@@ -237,3 +237,26 @@ async def test_connect_failure_counts() -> None:
     assert runtime.stats.value("cluster.f.upstream_cx_connect_fail") == 1
     assert cluster.hosts[0].describe()["cx_connect_fail"] == 1
     cluster.close()
+
+
+async def test_connection_closed_by_upstream_leaves_the_pool_at_once() -> None:
+    async def one_shot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()  # closes the idle keep-alive connection
+
+    server = await asyncio.start_server(one_shot, "127.0.0.1", 0)
+    runtime = ProxyRuntime()
+    cluster = ClusterRuntime(_static("s", server.sockets[0].getsockname()[1]), runtime)
+    try:
+        assert await _get(cluster) == b"ok"
+        assert runtime.stats.value("cluster.s.upstream_cx_active") == 1
+        await asyncio.sleep(0.2)
+        assert runtime.stats.value("cluster.s.upstream_cx_active") == 0
+        assert cluster.hosts[0].describe()["connections"] == 0
+        assert await _get(cluster) == b"ok"  # a fresh connection
+    finally:
+        cluster.close()
+        server.close()

@@ -40,6 +40,7 @@ from meshlet.proxy.upstream.pool import (
     ConnectionPool,
     ConnectionStats,
     HostCounters,
+    LostFn,
     UpstreamConnectError,
 )
 
@@ -213,6 +214,36 @@ class _PreHandshake(asyncio.Protocol):
         self.lost = True
 
 
+class _LossNotifier(asyncio.Protocol):
+    """Sits in front of a client codec to tell the pool when its connection
+    closes (codecs have no close callback of their own)."""
+
+    __slots__ = ("_on_lost", "codec")
+
+    def __init__(self, codec: asyncio.BaseProtocol, on_lost: LostFn) -> None:
+        self.codec = cast(asyncio.Protocol, codec)
+        self._on_lost = on_lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.codec.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.codec.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.codec.eof_received()
+
+    def pause_writing(self) -> None:
+        self.codec.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.codec.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.codec.connection_lost(exc)
+        self._on_lost(cast(UpstreamConnection, self.codec))
+
+
 class ClusterRuntime:
     def __init__(
         self,
@@ -317,7 +348,7 @@ class ClusterRuntime:
             return max_streams if _is_multiplexed(conn) else 1
 
         return ConnectionPool(
-            lambda: self._connect(host, kind),
+            lambda on_lost: self._connect(host, kind, on_lost),
             stats=self.stats.connections,
             host=host.counters,
             multiplexed=kind == HTTP2,
@@ -327,11 +358,13 @@ class ClusterRuntime:
             max_requests_per_connection=cfg.max_requests_per_connection,
         )
 
-    async def _connect(self, host: Host, kind: str) -> UpstreamConnection:
+    async def _connect(self, host: Host, kind: str, on_lost: LostFn) -> UpstreamConnection:
         def codec(security: SecurityInfo) -> asyncio.BaseProtocol:
-            return self._codec_factory(kind, self.config, security)
+            return _LossNotifier(self._codec_factory(kind, self.config, security), on_lost)
 
-        return cast(UpstreamConnection, await self.open_connection(host, codec))
+        notifier = await self.open_connection(host, codec)
+        assert isinstance(notifier, _LossNotifier)
+        return cast(UpstreamConnection, notifier.codec)
 
     async def open_connection(self, host: Host, app_factory: AppProtocolFactory) -> asyncio.BaseProtocol:
         """TCP connect to ``host`` and run the cluster's transport socket, all

@@ -65,7 +65,9 @@ class ConnectionStats:
     rq_pending_active: Gauge = field(default_factory=Gauge)
 
 
-ConnectFn = Callable[[], Awaitable[UpstreamConnection]]
+LostFn = Callable[[UpstreamConnection], None]
+ConnectFn = Callable[[LostFn], Awaitable[UpstreamConnection]]
+"""Opens a connection; the callback is called when that connection closes."""
 
 
 class Lease:
@@ -181,7 +183,7 @@ class ConnectionPool:
     async def _open(self) -> UpstreamConnection:
         self._connecting += 1
         try:
-            conn = await self._connect()
+            conn = await self._connect(self._connection_lost)
         except BaseException:
             self._connecting -= 1
             self._stats.cx_connect_fail.inc()
@@ -268,6 +270,14 @@ class ConnectionPool:
         if self._leases.get(conn) == 0:
             self._stats.cx_idle_timeout.inc()
             self._discard(conn)
+
+    def _connection_lost(self, conn: UpstreamConnection) -> None:
+        """The peer (or the network) closed a connection: forget it at once if
+        idle, so stats and the idle set stay true; a busy one is forgotten
+        when its request releases it."""
+        if self._leases.get(conn) == 0:
+            self._discard(conn)
+            self._wake_one()
 
     def _discard(self, conn: UpstreamConnection) -> None:
         if self._leases.pop(conn, None) is None:
