@@ -566,6 +566,9 @@ class MemoryTransport:
     def is_closing(self) -> bool:
         return self.closed
 
+    def get_write_buffer_size(self) -> int:
+        return 0
+
 
 _RESPONSE_BLOCK = hpack.Encoder().encode([(":status", "200"), ("grpc-status", "0")])
 

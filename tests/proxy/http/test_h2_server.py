@@ -16,7 +16,7 @@ import h2.connection
 import h2.events
 import hpack
 import pytest
-from hyperframe.frame import GoAwayFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import GoAwayFrame, PingFrame, RstStreamFrame, SettingsFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -627,6 +627,9 @@ class MemoryTransport:
     def is_closing(self) -> bool:
         return self.closed
 
+    def get_write_buffer_size(self) -> int:
+        return 0
+
     def get_extra_info(self, name: str, default: object = None) -> object:
         return default
 
@@ -663,3 +666,45 @@ def test_random_frames_never_escape_data_received(frames: list[tuple[int, int, i
         await asyncio.sleep(0)
 
     asyncio.run(feed())
+
+
+async def test_rapid_reset_gets_enhance_your_calm() -> None:
+    async def parked(stream: DownstreamStream) -> None:
+        await stream.body.read_all(1 << 20)
+        await stream.send_head(ResponseHead(204), end_stream=True)
+
+    async with serve(parked) as srv:
+
+        def client() -> bytes:
+            c = RawClient(srv.port)
+            try:
+                for sid in range(1, 2 * 600, 2):
+                    c.request(sid, end=False)
+                    c.conn.reset_stream(sid, 0x8)
+                c.send()
+                return read_frames_until_close(c.sock)
+            finally:
+                c.close()
+
+        data = await asyncio.to_thread(client)
+        assert goaway_code(data) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+async def test_ping_flood_from_a_peer_that_does_not_read_is_cut_off() -> None:
+    info = ConnectionInfo(peer=("127.0.0.1", 0), local=("127.0.0.1", 0))
+    proto = H2ServerProtocol(hello, info, CodecSettings())
+    proto.paused_reply_limit = 64 * 1024
+    transport = MemoryTransport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    proto.data_received(PREFACE + SettingsFrame(0).serialize())
+    proto.pause_writing()  # the peer stopped reading
+    ping = PingFrame(0, opaque_data=b"12345678").serialize()
+    for _ in range(10):
+        proto.data_received(ping * 250)  # 250 PING ACKs (4250 bytes) owed per call
+    assert not transport.closed  # 42 500 bytes held: within the bound
+    for _ in range(20):
+        proto.data_received(ping * 250)
+        if transport.closed:
+            break
+    assert transport.closed
+    proto.connection_lost(None)

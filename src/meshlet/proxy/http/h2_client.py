@@ -199,7 +199,7 @@ class H2ClientConnection(H2Endpoint):
             self._closing = True
             self._conn.send_goaway(0)
             self.flush()
-            self._transport.close()
+            self.close_transport()
         self._fail_all(StreamReset("CONNECTION_RESET", "upstream connection closed by the proxy", local=True))
 
     # -- request body ------------------------------------------------------- #
@@ -257,7 +257,7 @@ class H2ClientConnection(H2Endpoint):
             self._fail_all(
                 StreamReset(error_name(exc.error_code), f"upstream protocol error: {exc}", local=True)
             )
-            self._transport.close()
+            self.close_transport()
             return
         try:
             for event in events:
@@ -267,7 +267,7 @@ class H2ClientConnection(H2Endpoint):
             self._conn.send_goaway(self._conn.highest_inbound_stream_id, int(ErrorCodes.INTERNAL_ERROR))
             self.flush()
             self._fail_all(StreamReset("INTERNAL_ERROR", f"internal error: {exc}", local=True))
-            self._transport.close()
+            self.close_transport()
             return
         self.flush()
 
@@ -372,7 +372,7 @@ class H2ClientConnection(H2Endpoint):
     def _close_if_drained(self) -> None:
         if self._goaway_received and not self._exchanges and self._transport is not None and not self._closed:
             self._closing = True
-            self._transport.close()
+            self.close_transport()
 
     def _fail_all(self, error: StreamReset) -> None:
         for exchange in list(self._exchanges.values()):

@@ -33,6 +33,9 @@ CONNECTION_SPECIFIC_HEADERS = frozenset(
 # for the transport to drain before the stream is given up.
 DEFAULT_STALL_TIMEOUT = 300.0
 
+# How long a closing connection may take to deliver its last bytes.
+CLOSE_GRACE = 5.0
+
 # Flush the h2 output buffer at least every this many bytes while sending a body.
 _FLUSH_EVERY = 256 * 1024
 # A send smaller than this is left for the coalesced end-of-turn write.
@@ -235,6 +238,23 @@ class H2Endpoint(asyncio.Protocol):
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
         self.flush()
+
+    def close_transport(self, *, abort: bool = False) -> None:
+        """Close after the buffered output, but never wait on a peer that
+        stopped reading for more than ``CLOSE_GRACE`` seconds."""
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        if abort:
+            transport.abort()
+            return
+        transport.close()
+        if self._loop is not None and transport.get_write_buffer_size():
+            self._loop.call_later(CLOSE_GRACE, self._abort_if_open, transport)
+
+    def _abort_if_open(self, transport: asyncio.Transport) -> None:
+        if self._transport is transport and not self._closed:
+            transport.abort()
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         if self._closed:

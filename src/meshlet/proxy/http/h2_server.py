@@ -56,14 +56,33 @@ DownstreamHandler = Callable[[DownstreamStream], Awaitable[None]]
 
 _H2_DEFAULT_WINDOW = 65535
 
+# Envoy's rule against CVE-2023-44487 ("rapid reset"): once a connection has
+# opened this many streams, it is closed if the client reset at least half of
+# them within _PREMATURE_RESET_WINDOW seconds of opening them.
+_RAPID_RESET_MIN_STREAMS = 500
+_PREMATURE_RESET_WINDOW = 1.0
+
 
 class H2ServerStream:
     """One request stream; implements ``DownstreamStream``."""
 
-    __slots__ = ("_ended", "_head_sent", "_proto", "_state", "body", "head", "info", "request_ended")
+    __slots__ = (
+        "_ended",
+        "_head_sent",
+        "_proto",
+        "_state",
+        "body",
+        "head",
+        "info",
+        "opened_at",
+        "request_ended",
+    )
 
-    def __init__(self, proto: H2ServerProtocol, state: H2StreamState, head: RequestHead) -> None:
+    def __init__(
+        self, proto: H2ServerProtocol, state: H2StreamState, head: RequestHead, opened_at: float
+    ) -> None:
         self._proto = proto
+        self.opened_at = opened_at
         self._state = state
         self.head = head
         self.body = state.body
@@ -128,6 +147,9 @@ class H2ServerStream:
 class H2ServerProtocol(H2Endpoint):
     """asyncio protocol serving HTTP/2 (prior knowledge or ALPN "h2")."""
 
+    # Bytes of replies to the peer's frames held while the peer does not read.
+    paused_reply_limit = 1024 * 1024
+
     def __init__(
         self,
         handler: DownstreamHandler,
@@ -160,6 +182,10 @@ class H2ServerProtocol(H2Endpoint):
         self._draining = False
         self._last_stream_id: int | None = None  # set once we sent GOAWAY
         self._closed_future: asyncio.Future[None] | None = None
+        # Abuse accounting (CVE-2023-44487 rapid reset; control-frame floods).
+        self._streams_opened = 0
+        self._premature_resets = 0
+        self._replies_while_paused = 0
 
     # -- public ------------------------------------------------------------ #
 
@@ -195,7 +221,7 @@ class H2ServerProtocol(H2Endpoint):
         if self._transport is not None and not self._closed:
             if self._last_stream_id is None:
                 self._send_goaway(ErrorCodes.NO_ERROR)
-            self._transport.close()
+            self.close_transport()
         self._fail_all(StreamReset("CONNECTION_RESET", "connection closed by the proxy", local=True))
 
     # -- asyncio.Protocol -------------------------------------------------- #
@@ -232,7 +258,40 @@ class H2ServerProtocol(H2Endpoint):
             self._send_goaway(ErrorCodes.INTERNAL_ERROR)
             self._abort_connection(ErrorCodes.INTERNAL_ERROR, str(exc))
             return
-        self.flush()
+        opened = self._streams_opened
+        if opened >= _RAPID_RESET_MIN_STREAMS and 2 * self._premature_resets >= opened:
+            self._calm_down("too many streams reset before their response")
+            return
+        self._flush_replies()
+
+    def _flush_replies(self) -> None:
+        """Write what the input caused (mostly control-frame replies: PING and
+        SETTINGS acks, RST_STREAM). A peer that floods while not reading would
+        make them pile up in the transport: past a bound, it is cut off."""
+        data = self._conn.data_to_send()
+        if not data or self._transport is None:
+            return
+        if self._writable is not None:
+            self._replies_while_paused += len(data)
+            if self._replies_while_paused > self.paused_reply_limit:
+                self._calm_down("peer sends control frames but does not read")
+                return
+        self._transport.write(data)
+
+    def resume_writing(self) -> None:
+        self._replies_while_paused = 0
+        super().resume_writing()
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _calm_down(self, why: str) -> None:
+        """Abusive peer (rapid reset, control-frame flood): GOAWAY ENHANCE_YOUR_CALM, close."""
+        self._conn.clear_outbound_data_buffer()
+        self._send_goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+        self._fail_all(StreamReset("ENHANCE_YOUR_CALM", why, local=True))
+        self.close_transport(abort=self._writable is not None)
 
     def eof_received(self) -> bool | None:
         return None  # close our side as well
@@ -286,6 +345,8 @@ class H2ServerProtocol(H2Endpoint):
         stream = self._streams.get(event.stream_id)
         if stream is None:
             return
+        if event.remote_reset and self._now() - stream.opened_at < _PREMATURE_RESET_WINDOW:
+            self._premature_resets += 1
         code = error_name(event.error_code)
         stream._state.fail(StreamReset(code, "stream reset by the client", local=not event.remote_reset))
         stream._state.release()
@@ -314,8 +375,9 @@ class H2ServerProtocol(H2Endpoint):
             self._local_reply(sid, 501, "CONNECT is not supported over HTTP/2", event.stream_ended)
             return
         body = BodyStream(high_water=self.settings.buffer_limit)
-        stream = H2ServerStream(self, H2StreamState(self, sid, body), head)
+        stream = H2ServerStream(self, H2StreamState(self, sid, body), head, self._now())
         self._streams[sid] = stream
+        self._streams_opened += 1
         if event.stream_ended:
             stream.request_ended = True
             body.end()
@@ -448,7 +510,7 @@ class H2ServerProtocol(H2Endpoint):
             if self._last_stream_id is None:
                 self._send_goaway(ErrorCodes.NO_ERROR)
             self.flush()
-            self._transport.close()
+            self.close_transport()
 
     def _abort_connection(self, code: int, why: str, *, send_goaway: bool = True) -> None:
         """A connection error: flush the GOAWAY (queued by h2 or here) and close."""
@@ -456,7 +518,7 @@ class H2ServerProtocol(H2Endpoint):
             self.flush()
         self._fail_all(StreamReset(error_name(code), why, local=send_goaway))
         if self._transport is not None and not self._closed:
-            self._transport.close()
+            self.close_transport()
 
     def _fail_all(self, error: StreamReset) -> None:
         for stream in list(self._streams.values()):
