@@ -606,3 +606,16 @@ def test_random_upstream_frames_fail_streams_cleanly(frames: list[tuple[int, int
             await asyncio.wait_for(response.body.read_all(1 << 16), 1)
 
     asyncio.run(feed())
+
+
+async def test_assumes_at_most_100_streams_until_the_peer_settings_arrive() -> None:
+    conn = H2ClientConnection()
+    conn.connection_made(MemoryTransport())  # type: ignore[arg-type]
+    pending = [asyncio.create_task(conn.request(get(f"/{i}"), None)) for i in range(100)]
+    await asyncio.sleep(0)
+    assert conn.active_requests == 100 and not conn.available
+    conn.data_received(SettingsFrame(0, settings={SettingsFrame.MAX_CONCURRENT_STREAMS: 1000}).serialize())
+    assert conn.ready.done() and conn.available
+    conn.connection_lost(None)
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    assert all(isinstance(r, StreamReset) and r.code == "CONNECTION_RESET" for r in results)

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 _H2_DEFAULT_WINDOW = 65535
 _HIGHEST_STREAM_ID = 2**31 - 1
+_STREAMS_BEFORE_SETTINGS = 100
 DEFAULT_BUFFER_LIMIT = 1024 * 1024
 
 
@@ -145,6 +146,10 @@ class H2ClientConnection(H2Endpoint):
         if self._conn.highest_outbound_stream_id >= _HIGHEST_STREAM_ID - 2:
             return False
         limit: int = self._conn.remote_settings.max_concurrent_streams
+        if self._ready is None or not self._ready.done():
+            # The peer's limit is unknown until its SETTINGS arrive: RFC 9113
+            # §5.1.2 suggests assuming no more than 100 meanwhile.
+            limit = min(limit, _STREAMS_BEFORE_SETTINGS)
         return len(self._exchanges) < limit
 
     @property
