@@ -35,6 +35,8 @@ def check_row(row: dict[str, object], name: str) -> None:
     assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]  # type: ignore[operator]
     assert row["rss_hwm_mb"] >= row["rss_mb"]  # type: ignore[operator]
     assert row["cores"] == 1
+    assert isinstance(row["version"], str) and row["version"]
+    assert isinstance(row["load_average"], float) and row["load_average"] >= 0
     assert row["duration_s"] == 1.0 and row["connections"] == 8
     # The fixed-rate phase answered (nearly) its whole schedule: 1000 req/s for 1 s.
     assert row["fixed_rate_requests"] >= 950 and row["fixed_rate_errors"] == 0

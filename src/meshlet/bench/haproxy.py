@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 from meshlet.bench.procs import LOOPBACK
@@ -12,6 +14,16 @@ def haproxy_binary() -> str | None:
     return shutil.which("haproxy") or (
         "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
     )
+
+
+def haproxy_version(binary: str) -> str:
+    """"2.6.12-1+deb12u4" from ``haproxy -v``; "" when it cannot be read."""
+    try:
+        done = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    found = re.search(r"version (\S+)", done.stdout)
+    return found.group(1) if found else ""
 
 
 def haproxy_config(listen_port: int, upstream_port: int, host: str = LOOPBACK) -> str:

@@ -27,10 +27,11 @@ from typing import Any
 
 import uvloop
 
+import meshlet
 from meshlet.bench.apps import start_upstream
 from meshlet.bench.client import build_request, fetch
 from meshlet.bench.configs import dump, single_route_proxy
-from meshlet.bench.haproxy import haproxy_argv, haproxy_binary, haproxy_config
+from meshlet.bench.haproxy import haproxy_argv, haproxy_binary, haproxy_config, haproxy_version
 from meshlet.bench.openloop import OpenLoopResult, run_open_loop
 from meshlet.bench.procs import (
     LOOPBACK,
@@ -94,6 +95,7 @@ class ProxyUnderTest:
     name: str
     child: Child
     port: int
+    version: str
 
 
 def start_meshlet(workdir: Path, upstream_port: int, cpus: set[int]) -> ProxyUnderTest:
@@ -103,7 +105,7 @@ def start_meshlet(workdir: Path, upstream_port: int, cpus: set[int]) -> ProxyUnd
     argv = [sys.executable, "-m", "meshlet.cli.main", "proxy", "--config", str(config),
             "--log-level", "warning"]
     child = Child("meshlet proxy", argv, cpus=cpus, log_path=workdir / "meshlet.log").start()
-    return ProxyUnderTest("meshlet", child, port)
+    return ProxyUnderTest("meshlet", child, port, meshlet.__version__)
 
 
 def start_haproxy(workdir: Path, upstream_port: int, cpus: set[int]) -> ProxyUnderTest:
@@ -115,7 +117,7 @@ def start_haproxy(workdir: Path, upstream_port: int, cpus: set[int]) -> ProxyUnd
     config.write_text(haproxy_config(port, upstream_port))
     argv = haproxy_argv(binary, config)
     child = Child("haproxy", argv, cpus=cpus, log_path=workdir / "haproxy.log").start()
-    return ProxyUnderTest("haproxy", child, port)
+    return ProxyUnderTest("haproxy", child, port, haproxy_version(binary))
 
 
 STARTERS: dict[str, Callable[[Path, int, set[int]], ProxyUnderTest]] = {
@@ -146,6 +148,8 @@ def wait_proxy_ready(target: ProxyUnderTest, timeout: float = READY_TIMEOUT) -> 
 
 @dataclass(frozen=True, slots=True)
 class Measurement:
+    version: str
+    load_average: float  # the machine's 1-minute load before the run: noise from other work
     wrk: WrkResult
     fixed: OpenLoopResult
     cpu_s: float
@@ -156,6 +160,7 @@ class Measurement:
 def measure(target: ProxyUnderTest, opts: ProxyBenchOptions, plan: CpuPlan,
             progress: Progress) -> Measurement:
     url = f"http://{LOOPBACK}:{target.port}/"
+    load_average = os.getloadavg()[0]
     if opts.warmup_s > 0:
         progress(f"{target.name}: warm-up {opts.warmup_s:g} s")
         run_wrk(url, threads=1, connections=opts.connections, duration=opts.warmup_s, cpus=plan.load)
@@ -172,7 +177,8 @@ def measure(target: ProxyUnderTest, opts: ProxyBenchOptions, plan: CpuPlan,
     cpu_after = cpu_seconds(target.child.pid)
     mem = memory(target.child.pid)
     target.child.check_alive()
-    return Measurement(wrk, fixed, cpu_after - cpu_before, mem.rss_mb, mem.hwm_mb)
+    return Measurement(target.version, load_average, wrk, fixed, cpu_after - cpu_before, mem.rss_mb,
+                       mem.hwm_mb)
 
 
 def to_row(name: str, m: Measurement, opts: ProxyBenchOptions, plan: CpuPlan) -> dict[str, Any]:
@@ -202,6 +208,8 @@ def to_row(name: str, m: Measurement, opts: ProxyBenchOptions, plan: CpuPlan) ->
         "saturation_requests": m.wrk.requests,
         "saturation_errors": m.wrk.socket_errors + m.wrk.non_2xx,
         "cpu_s": round(m.cpu_s, 3),
+        "version": m.version,
+        "load_average": round(m.load_average, 2),
     }
 
 
