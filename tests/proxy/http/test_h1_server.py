@@ -799,3 +799,33 @@ def test_no_input_escapes_data_received(chunks: list[bytes]) -> None:
         assert not transport.out or transport.out.startswith(b"HTTP/1.1 ")
 
     asyncio.run(scenario())
+
+
+async def test_pipelined_bodies_stay_bounded_while_an_earlier_one_drains() -> None:
+    limit = 16 * 1024
+    seen: dict[str, int] = {}
+
+    async def handler(stream: DownstreamStream) -> None:
+        seen[stream.head.path] = stream.body.buffered
+        body = await stream.body.read_all(10 * 1024 * 1024)
+        if stream.head.path == "/a":
+            await asyncio.sleep(0.3)  # /b waits, its body must not pile up meanwhile
+        await stream.send_head(ResponseHead(200, [("content-length", str(len(body)))]))
+        await stream.send_data(body, end_stream=True)
+
+    async with serve(handler, buffer_limit=limit) as srv:
+        reader, writer = await srv.connect()
+        # /a fills up and, within the same socket read, so does /b.
+        small, large = 20 * 1024, 5 * 1024 * 1024
+        writer.write(
+            f"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: {small}\r\n\r\n".encode() + b"a" * small
+            + f"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: {large}\r\n\r\n".encode()
+        )
+        block = b"b" * (1024 * 1024)
+        for _ in range(large // len(block)):
+            writer.write(block)
+            await asyncio.wait_for(writer.drain(), 5)
+        assert len((await read_response(reader))[2]) == small
+        assert len((await read_response(reader))[2]) == large
+        assert seen["/b"] <= limit + 512 * 1024
+        writer.close()

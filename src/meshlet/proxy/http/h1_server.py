@@ -466,6 +466,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._pending_error: tuple[int, str] | None = None
         self._dispatch_due = False
         self._pause_reasons = 0
+        self._pressured_bodies = 0
         self._closed = False
         self._closing = False
         self._peer_eof = False
@@ -652,10 +653,15 @@ class H1ServerProtocol(asyncio.Protocol):
         self.close()
 
     def body_pressure(self, pressured: bool) -> None:
+        # Counted: parsing ahead, a pipelined request's body can fill up
+        # while an earlier one is still full.
         if pressured:
+            self._pressured_bodies += 1
             self._pause(_PAUSE_BODY)
         else:
-            self._resume(_PAUSE_BODY)
+            self._pressured_bodies -= 1
+            if not self._pressured_bodies:
+                self._resume(_PAUSE_BODY)
 
     def _dispatch(self, stream: H1ServerStream) -> None:
         stream._dispatched = True
