@@ -58,3 +58,16 @@ def test_quick_bench_both_systems() -> None:
     for row in rows:
         check_row(row, row["name"])
     assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_a_harness_that_cannot_start_still_prints_one_json_object(tmp_path: object) -> None:
+    import os
+
+    env = {**os.environ, "MESHLET_EXAMPLES": str(tmp_path)}  # no sample app there
+    done = subprocess.run([sys.executable, "-m", "meshlet.cli.main", "bench", "proxy", "--quick", "--json"],
+                          capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert done.returncode == 1
+    result = json.loads(done.stdout)
+    assert [row["name"] for row in result["rows"]] == ["meshlet", "haproxy"]
+    assert all("apps/upstream.py not found" in row["error"] for row in result["rows"])
+    assert done.stderr.rstrip().endswith("meshlet: error: benchmark failed for: meshlet, haproxy")

@@ -56,6 +56,7 @@ PROXY_COLUMNS = ("name", "rps_max", "p50_ms", "p90_ms", "p99_ms", "cpu_s_per_100
 def proxy_bench(as_json: bool, quick: bool, duration: float | None, connections: int | None,
                 rate: float | None, rate_duration: float | None, systems: tuple[str, ...]) -> None:
     """Throughput, latency at a fixed rate, CPU and memory: meshlet beside HAProxy."""
+    from meshlet.bench.procs import ChildError
     from meshlet.bench.proxy import QUICK, ProxyBenchOptions, run_proxy_bench
 
     opts = QUICK if quick else ProxyBenchOptions()
@@ -64,7 +65,12 @@ def proxy_bench(as_json: bool, quick: bool, duration: float | None, connections:
         "fixed_rate_s": rate_duration, "systems": systems or None,
     }
     opts = replace(opts, **{k: v for k, v in overrides.items() if v is not None})
-    result = run_proxy_bench(opts, progress)
+    try:
+        result = run_proxy_bench(opts, progress)
+    except ChildError as exc:
+        # Even a harness that cannot start (no upstream) answers with the promised JSON shape.
+        progress(f"failed: {exc}")
+        result = {"rows": [{"name": name, "error": str(exc)} for name in opts.systems]}
     emit(result, as_json, PROXY_COLUMNS)
     failed = [row["name"] for row in result["rows"] if "error" in row]
     if failed:
