@@ -179,6 +179,19 @@ async def test_keep_alive_serves_several_requests_on_one_connection() -> None:
         writer.close()
 
 
+async def test_handler_can_close_the_connection() -> None:
+    async def closing(stream: DownstreamStream) -> None:
+        await stream.send_head(ResponseHead(200, [("connection", "close"), ("content-length", "2")]))
+        await stream.send_data(b"ok", end_stream=True)
+
+    async with serve(closing) as srv:
+        reader, writer = await srv.connect()
+        writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        data = await read_to_eof(reader)
+        assert data.count(b"connection: close") == 1 and data.endswith(b"\r\n\r\nok")
+        writer.close()
+
+
 async def test_http10_closes_unless_keep_alive_requested() -> None:
     async with serve(echo) as srv:
         reader, writer = await srv.connect()

@@ -344,10 +344,13 @@ class H1ServerStream:
         )
         lines: list[str] = []
         content_length: str | None = None
+        close_asked = False
         for k, v in head.headers:
             if k in HOP_BY_HOP:
                 if tunnel and status == 101 and (k == "upgrade" or k == "connection"):
                     lines.append(f"{k}: {v}\r\n")
+                elif k == "connection" and "close" in connection_tokens(v):
+                    close_asked = True  # the handler wants this connection closed
                 continue
             if k == "content-length":
                 content_length = v
@@ -355,7 +358,11 @@ class H1ServerStream:
         # A response that starts before its request is complete closes the
         # connection (the rest of the request is never read), so say so.
         keep_alive = (
-            self._keep_alive and self._request_done and not self._conn.draining and not self._tunnel_request
+            self._keep_alive
+            and self._request_done
+            and not close_asked
+            and not self._conn.draining
+            and not self._tunnel_request
         )
         if tunnel:
             self._framing = _TUNNEL
