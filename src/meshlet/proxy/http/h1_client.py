@@ -500,8 +500,9 @@ def _encode_request(head: RequestHead, body: BodyStream | None) -> tuple[bytes, 
     else:
         lines.append("transfer-encoding: chunked\r\n")
         framing = _CHUNKED
-    version = "1.0" if head.version == "1.0" else "1.1"
-    start = f"{head.method} {head.path or '/'} HTTP/{version}\r\n"
+    # Always HTTP/1.1 upstream, whatever the client spoke (as Envoy does):
+    # keep-alive and chunked bodies need it.
+    start = f"{head.method} {head.path or '/'} HTTP/1.1\r\n"
     return serialize_head(start, lines), framing, length
 
 
