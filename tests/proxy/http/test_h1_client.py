@@ -481,6 +481,44 @@ async def test_early_response_before_the_request_body_is_sent() -> None:
         assert conn.closed  # the half-sent request leaves the connection unusable
 
 
+async def test_slow_upstream_pushes_back_on_the_request_body() -> None:
+    size = 20 * 1024 * 1024
+
+    async def slow_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await asyncio.sleep(0.3)  # the client runs ahead while nothing is read
+        await asyncio.wait_for(reader.readexactly(size), 5)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone")
+        await writer.drain()
+        await reader.read()
+
+    async with scripted(slow_reader) as port:
+        conn = await connect(port)
+        transport = conn._transport
+        assert transport is not None
+        body = BodyStream(high_water=256 * 1024)
+        buffered: list[int] = []
+
+        async def produce() -> None:
+            piece = b"p" * 65536
+            for _ in range(size // len(piece)):
+                await body.write(piece)
+                buffered.append(transport.get_write_buffer_size() + body.buffered)
+            body.end()
+
+        producer = asyncio.create_task(produce())
+        try:
+            head = get("/upload", "POST", [("content-length", str(size))])
+            assert await request(conn, head, body) == (200, b"done")
+            await asyncio.wait_for(producer, 5)
+            # What the process holds for the upload stays near the two high-water marks.
+            assert max(buffered) <= 2 * 256 * 1024 + 2 * 65536
+            assert conn.available
+        finally:
+            producer.cancel()
+            conn.close()
+
+
 # -- against meshlet's own server codec -------------------------------------------------- #
 
 
