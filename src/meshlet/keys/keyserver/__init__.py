@@ -1,0 +1,1 @@
+"""The isolated key server (``server``, ``store``), its wire protocol and the proxy's client."""
