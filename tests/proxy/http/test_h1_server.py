@@ -452,6 +452,26 @@ async def test_upgrade_becomes_a_raw_tunnel() -> None:
         writer.close()
 
 
+async def test_connect_becomes_a_raw_tunnel_on_2xx() -> None:
+    async def connect_echo(stream: DownstreamStream) -> None:
+        assert (stream.head.method, stream.head.authority, stream.head.path) == ("CONNECT", "db:5432", "")
+        await stream.send_head(ResponseHead(200))
+        while chunk := await stream.body.read():
+            await stream.send_data(chunk[::-1])
+        await stream.send_data(b"", end_stream=True)
+
+    async with serve(connect_echo) as srv:
+        reader, writer = await srv.connect()
+        writer.write(b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding" not in head
+        writer.write(b"abc")
+        assert await asyncio.wait_for(reader.readexactly(3), 5) == b"cba"
+        writer.write_eof()
+        assert await read_to_eof(reader) == b""
+        writer.close()
+
+
 async def test_refused_upgrade_gets_a_normal_response_then_close() -> None:
     async with serve(tunnel_echo) as srv:
         reader, writer = await srv.connect()
