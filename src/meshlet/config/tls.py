@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from udpa.type.v1 import typed_struct_pb2 as udpa_typed_struct_pb2
 from xds.type.v3 import typed_struct_pb2
 
+import meshlet.keys  # noqa: F401 - registers the key providers
 from meshlet.config import context
 from meshlet.config.datasource import describe_data_source, read_data_source
 from meshlet.config.extensions import compile_extension, type_url_of, unpack_any

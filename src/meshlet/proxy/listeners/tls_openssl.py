@@ -148,10 +148,13 @@ def _record_sni(sslobj: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ss
 
 
 def _load_certificate(ctx: ssl.SSLContext, cert: TlsCertificate, path: str) -> None:
-    if cert.private_key_provider is not None:
+    provider = cert.private_key_provider
+    # OpenSSL needs the key in process; with fallback the in-process key serves.
+    if provider is not None and not (provider.fallback and cert.private_key_pem):
         raise UnsupportedConfig(
             f"{path}.private_key_provider",
-            "private key providers are not supported by the 'openssl' tls engine (use engine 'meshlet')",
+            f"private key provider {provider.provider_name!r} needs the meshlet TLS engine "
+            "(run the proxy with --tls-engine meshlet); the 'openssl' engine needs the key in process",
         )
     if not cert.private_key_pem:
         raise ConfigError(f"{path}.private_key", "a certificate chain needs its private key")
