@@ -15,8 +15,8 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshlet.proxy.http.h1_common import BadMessage
-from meshlet.proxy.http.h1_server import H1ServerProtocol, H1ServerStream, build_request_head
+from meshlet.proxy.http.h1_common import BadMessage, build_request_head
+from meshlet.proxy.http.h1_server import H1ServerProtocol, H1ServerStream
 from meshlet.proxy.http.stream import CodecSettings, DownstreamStream, ResponseHead, StreamReset
 from meshlet.proxy.transport import ConnectionInfo
 

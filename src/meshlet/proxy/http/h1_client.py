@@ -25,6 +25,7 @@ from meshlet.proxy.http.h1_common import (
     DEFAULT_MAX_HEAD_BYTES,
     HOP_BY_HOP,
     HeadTooLarge,
+    build_response_head,
     chunk_prefix,
     connection_tokens,
     decode_fields,
@@ -34,7 +35,6 @@ from meshlet.proxy.http.h1_common import (
 )
 from meshlet.proxy.http.stream import (
     BodyStream,
-    Headers,
     RequestHead,
     ResponseHead,
     StreamReset,
@@ -370,7 +370,7 @@ class H1ClientConnection(asyncio.Protocol):
         if status < 200 and status != 101:
             self._informational = True  # 100 Continue, 103 Early Hints: not forwarded
             return
-        head, keep_alive, framed = _build_response_head(
+        head, keep_alive, framed = build_response_head(
             status, self._reason, self._raw_headers, parser.get_http_version()
         )
         self._head_size = 0
@@ -519,37 +519,3 @@ def _frame_whole_body(body: BodyStream, framing: int) -> bytes:
         return data
     chunk = chunk_prefix(len(data)) + data + CRLF if data else b""
     return chunk + last_chunk(body.trailers)
-
-
-def _build_response_head(
-    status: int, reason: bytes, raw_headers: list[tuple[bytes, bytes]], version: str
-) -> tuple[ResponseHead, bool, bool]:
-    """(head without hop-by-hop headers, keep-alive, body framed by length or chunks)."""
-    headers: Headers = []
-    connection = ""
-    upgrade = ""
-    framed = False
-    for raw_name, raw_value in raw_headers:
-        name = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
-        if name in HOP_BY_HOP:
-            if name == "connection":
-                connection = f"{connection},{value}" if connection else value
-            elif name == "transfer-encoding":
-                framed = True
-            elif name == "upgrade":
-                upgrade = value
-            continue
-        if name == "content-length":
-            framed = True
-        headers.append((name, value))
-    tokens = connection_tokens(connection) if connection else set()
-    nominated = tokens - {"close", "keep-alive", "upgrade"}
-    if nominated:
-        headers = [h for h in headers if h[0] not in nominated]
-    if status == 101:
-        headers.append(("connection", "upgrade"))
-        if upgrade:
-            headers.append(("upgrade", upgrade))
-    keep_alive = "close" not in tokens if version == "1.1" else "keep-alive" in tokens
-    return ResponseHead(status, headers, reason.decode("latin-1")), keep_alive, framed

@@ -26,6 +26,8 @@ from meshlet.proxy.http.h1_common import (
     LAST_CHUNK,
     BadMessage,
     HeadTooLarge,
+    ParsedRequest,
+    build_request_head,
     chunk_prefix,
     connection_tokens,
     decode_fields,
@@ -39,10 +41,8 @@ from meshlet.proxy.http.stream import (
     CodecSettings,
     DownstreamStream,
     Headers,
-    RequestHead,
     ResponseHead,
     StreamReset,
-    header_value,
 )
 from meshlet.proxy.transport import ConnectionInfo
 
@@ -74,131 +74,6 @@ _PAUSE_PIPELINE = 2
 _PAUSE_HALTED = 4
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-# Request headers that build_request_head interprets instead of copying.
-_SPECIAL_REQUEST_HEADERS = frozenset(
-    {"host", "connection", "upgrade", "te", "expect", "keep-alive", "proxy-connection", "transfer-encoding"}
-)
-
-
-class ParsedRequest:
-    """The head of one request as the connection manager sees it, plus what
-    the codec itself needs to know about the exchange."""
-
-    __slots__ = ("expect_continue", "head", "keep_alive", "raw_body", "tunnel")
-
-    def __init__(
-        self, head: RequestHead, keep_alive: bool, expect_continue: bool, tunnel: bool, raw_body: int = 0
-    ) -> None:
-        self.head = head
-        self.keep_alive = keep_alive
-        self.expect_continue = expect_continue
-        # After an upgrade / CONNECT head, the connection carries raw bytes.
-        self.tunnel = tunnel
-        # Body bytes llhttp will not frame: an ignored h2c upgrade offer makes
-        # it stop after the head, so the codec counts the content-length itself.
-        self.raw_body = raw_body
-
-
-def build_request_head(
-    method: str,
-    target: bytes,
-    raw_headers: list[tuple[bytes, bytes]],
-    version: str,
-    scheme: str,
-    upgrade: bool,
-) -> ParsedRequest:
-    """Turn llhttp's view of a request head into a ``RequestHead``.
-
-    Header names are lower-cased, ``Host`` becomes ``authority``, hop-by-hop
-    headers are dropped (except ``te: trailers`` and, on upgrade requests,
-    ``upgrade``/``connection: upgrade``), an absolute-form target becomes
-    origin-form. Raises ``BadMessage`` for requests HTTP/1.1 forbids.
-    """
-    if version != "1.1" and version != "1.0":
-        raise BadMessage(f"HTTP/{version} is not supported")
-    headers: Headers = []
-    host: str | None = None
-    connection = ""
-    upgrade_value = ""
-    te = ""
-    chunked = False
-    expect_continue = False
-    for raw_name, raw_value in raw_headers:
-        name = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
-        if name not in _SPECIAL_REQUEST_HEADERS:
-            headers.append((name, value))
-        elif name == "host":
-            if host is not None:
-                raise BadMessage("multiple host headers")
-            host = value
-        elif name == "connection":
-            connection = f"{connection},{value}" if connection else value
-        elif name == "upgrade":
-            upgrade_value = value
-        elif name == "te":
-            te = f"{te},{value}" if te else value
-        elif name == "transfer-encoding":
-            chunked = True
-        elif name == "expect":
-            if value.lower() == "100-continue":
-                expect_continue = True
-            else:
-                headers.append((name, value))
-    tokens = connection_tokens(connection) if connection else set()
-    nominated = tokens - {"close", "keep-alive", "upgrade"}
-    if nominated:
-        headers = [h for h in headers if h[0] not in nominated]
-    if te and "trailers" in connection_tokens(te):
-        headers.append(("te", "trailers"))
-    tunnel = upgrade
-    raw_body = 0
-    if upgrade and upgrade_value.strip().lower() == "h2c":
-        # HTTP/2 is offered over ALPN or prior knowledge; like Envoy, an h2c
-        # upgrade offer is declined by serving the request over HTTP/1.1.
-        if chunked:
-            raise BadMessage("h2c upgrade offer with a chunked body is not supported")
-        tunnel = False
-        headers = [h for h in headers if h[0] != "http2-settings"]
-        length = header_value(headers, "content-length")
-        raw_body = int(length) if length else 0
-    elif upgrade and method != "CONNECT":
-        headers.append(("connection", "upgrade"))
-        headers.append(("upgrade", upgrade_value))
-    keep_alive = "close" not in tokens if version == "1.1" else "keep-alive" in tokens
-    authority, path = _split_target(method, target, host)
-    if not authority and version == "1.1":
-        raise BadMessage("missing host header")
-    head = RequestHead(method, scheme, authority, path, headers, version)
-    return ParsedRequest(head, keep_alive, expect_continue, tunnel, raw_body)
-
-
-def _split_target(method: str, target: bytes, host: str | None) -> tuple[str, str]:
-    """(authority, origin-form path) from the request target and Host."""
-    if target[:1] == b"/":
-        return host or "", target.decode("latin-1")
-    if method == "CONNECT":
-        return target.decode("latin-1"), ""
-    if target == b"*":
-        if method != "OPTIONS":
-            raise BadMessage("'*' target is only valid for OPTIONS")
-        return host or "", "*"
-    try:
-        url = httptools.parse_url(target)
-    except httptools.HttpParserInvalidURLError:
-        raise BadMessage("invalid request target") from None
-    if not url.host:
-        raise BadMessage("invalid request target")
-    # RFC 9112 3.2.2: the absolute-form target's authority wins over Host.
-    authority = url.host.decode("latin-1")
-    if url.port:
-        authority = f"{authority}:{url.port}"
-    path = (url.path or b"/").decode("latin-1")
-    if url.query:
-        path = f"{path}?{url.query.decode('latin-1')}"
-    return authority, path
-
 
 class H1ServerStream:
     """One request/response exchange on an HTTP/1.1 connection."""
