@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -257,9 +260,40 @@ def test_settings_are_validated() -> None:
     assert str(error) == "settings.tls_engine: 'gnutls' is not one of openssl, meshlet"
 
 
-def test_regex_engine_that_is_not_installed_is_refused() -> None:
-    error = refusal(base() | runtime({"meshlet.regex_engine": "hyperscan"}))
-    assert str(error).startswith("settings.regex_engine: regex engine 'hyperscan' is not ")
+@pytest.mark.parametrize(("engine", "package"), [("hyperscan", "hyperscan"), ("re2", "re2")])
+def test_regex_engine_that_is_not_installed_is_refused(engine: str, package: str) -> None:
+    # The optional packages are installed here, so their absence is simulated
+    # in a fresh interpreter: a None entry in sys.modules makes the import fail.
+    script = (
+        "import sys\n"
+        f"sys.modules[{package!r}] = None\n"
+        "from meshlet.config.compiler import compile_bootstrap\n"
+        "from meshlet.config.loader import parse_resource\n"
+        "from meshlet.errors import ConfigError\n"
+        "import json\n"
+        "data = json.loads(sys.stdin.read())\n"
+        "msg = parse_resource('type.googleapis.com/envoy.config.bootstrap.v3.Bootstrap', data)\n"
+        "try:\n"
+        "    compile_bootstrap(msg)\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    data = base() | runtime({"meshlet.regex_engine": engine})
+    out = subprocess.run(
+        [sys.executable, "-c", script], input=json.dumps(data), capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.startswith(f"settings.regex_engine: regex engine {engine!r} is not installed"), (
+        out.stdout + out.stderr
+    )
+    assert "meshlet[accel]" in out.stdout
+
+
+def test_regex_engine_that_does_not_exist_is_refused() -> None:
+    error = refusal(base() | runtime({"meshlet.regex_engine": "pcre"}))
+    assert str(error) == (
+        'layered_runtime.layers[0].static_layer["meshlet.regex_engine"]: '
+        "'pcre' is not one of re, re2, hyperscan"
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -463,6 +497,27 @@ def test_access_loggers() -> None:
         AccessLogConfig("/dev/stdout", text_format="%PROTOCOL%\n"),
     )
 
+
+
+@pytest.mark.parametrize(
+    ("log_format", "field"),
+    [
+        ({"text_format": "%NOT_AN_OPERATOR%\n"}, "log_format.text_format"),
+        ({"json_format": {"status": "%NOT_AN_OPERATOR%"}}, "log_format.json_format.status"),
+        ({"text_format_source": {"inline_string": "%REQ()%"}}, "log_format.text_format_source"),
+    ],
+)
+def test_bad_access_log_format_is_refused_at_compile_time(log_format: dict[str, Any], field: str) -> None:
+    data = base()
+    stream = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3."
+    hcm(data)["access_log"] = [
+        {
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": {"@type": stream + "StdoutAccessLog", "log_format": log_format},
+        }
+    ]
+    error = refusal(data)
+    assert error.path.endswith("access_log[0].typed_config." + field), error.path
 
 @pytest.mark.parametrize(
     ("entry", "path", "message"),

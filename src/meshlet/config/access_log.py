@@ -16,6 +16,7 @@ from meshlet.config.extensions import compile_extension, type_url_of
 from meshlet.config.fields import allow_fields, check_fields, index, join
 from meshlet.config.model import AccessLogConfig
 from meshlet.errors import ConfigError, UnsupportedConfig
+from meshlet.proxy.observe.access_log import compile_format, compile_json_format
 from meshlet.registry import registry
 
 CATEGORY = "access_logger"
@@ -62,17 +63,22 @@ def _with_format(target: str, msg: Any, path: str) -> AccessLogConfig:
     fmt = msg.log_format
     check_fields(fmt, fmt_path)
     kind = fmt.WhichOneof("format")
+    # Formats are compiled here once so a bad command operator is a config
+    # error naming the field, not a failure when the first request is logged.
     if kind == "text_format":
+        compile_format(fmt.text_format, join(fmt_path, "text_format"))
         return AccessLogConfig(path=target, text_format=fmt.text_format)
     if kind == "text_format_source":
-        text = read_data_source(
-            fmt.text_format_source, join(fmt_path, "text_format_source"), limit=MAX_FORMAT_BYTES
-        )
-        return AccessLogConfig(path=target, text_format=text.decode("utf-8", "replace"))
+        source_path = join(fmt_path, "text_format_source")
+        text = read_data_source(fmt.text_format_source, source_path, limit=MAX_FORMAT_BYTES)
+        decoded = text.decode("utf-8", "replace")
+        compile_format(decoded, source_path)
+        return AccessLogConfig(path=target, text_format=decoded)
     if kind == "json_format":
-        return AccessLogConfig(
-            path=target, json_format=_json_format(fmt.json_format, join(fmt_path, "json_format"))
-        )
+        json_path = join(fmt_path, "json_format")
+        json_fmt = _json_format(fmt.json_format, json_path)
+        compile_json_format(json_fmt, json_path)
+        return AccessLogConfig(path=target, json_format=json_fmt)
     raise ConfigError(fmt_path, "one of text_format, text_format_source, json_format is required")
 
 

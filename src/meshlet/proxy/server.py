@@ -23,6 +23,7 @@ from pathlib import Path
 from meshlet.config.model import ProxyConfig, SocketAddress
 from meshlet.proxy.admin import AdminServer
 from meshlet.proxy.listeners.manager import AppBuilder, ListenerManager, build_network_app
+from meshlet.proxy.observe.access_log import WRITERS
 from meshlet.proxy.runtime import ProxyRuntime, ProxySettings
 from meshlet.proxy.upstream.manager import ClusterManager
 
@@ -164,6 +165,8 @@ class Proxy:
             await asyncio.gather(self._drain_task, return_exceptions=True)
         await self.listeners.close()
         self.clusters.close()
+        # Access-log lines are buffered; write out what the last requests logged.
+        await WRITERS.flush()
         if self._admin is not None:
             await self._admin.close()
         self._set_state(TERMINATED)
