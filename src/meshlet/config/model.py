@@ -141,6 +141,24 @@ class RetryPolicy:
     retriable_status_codes: frozenset[int] = frozenset()
 
 
+class HashPolicyKind(StrEnum):
+    HEADER = "header"
+    COOKIE = "cookie"
+    SOURCE_IP = "source_ip"
+    QUERY_PARAMETER = "query_parameter"
+
+
+@dataclass(frozen=True, slots=True)
+class HashPolicy:
+    """route.v3.RouteAction.HashPolicy: what a consistent-hash load balancer
+    (RING_HASH, MAGLEV) hashes. ``name`` is the header (lower-case), cookie or
+    query parameter name; unused for SOURCE_IP."""
+
+    kind: HashPolicyKind
+    name: str = ""
+    terminal: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterAction:
     """route.v3.RouteAction with a single ``cluster``."""
@@ -155,6 +173,10 @@ class ClusterAction:
     retry_policy: RetryPolicy | None = None
     # Upgrades the route allows (e.g. "websocket"), lower-case.
     upgrades: frozenset[str] = frozenset()
+    # Consistent-hash inputs for RING_HASH / MAGLEV clusters, in order.
+    hash_policies: tuple[HashPolicy, ...] = ()
+    # Circuit-breaker priority of the route's requests (RoutingPriority).
+    priority: Literal["DEFAULT", "HIGH"] = "DEFAULT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +514,101 @@ class UpstreamProtocol(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class SlowStartConfig:
+    """Cluster.SlowStartConfig: a new host's weight ramps up over ``window``
+    seconds as ``max(min_weight_percent/100, (age/window) ** (1/aggression))``."""
+
+    window: float
+    aggression: float = 1.0
+    min_weight_percent: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class LbSettings:
+    """The load-balancer knobs of a cluster (common_lb_config and the
+    per-policy ``*_lb_config`` messages)."""
+
+    healthy_panic_threshold: float = 50.0  # percent; 0 disables panic mode
+    locality_weighted: bool = False
+    choice_count: int = 2  # LEAST_REQUEST
+    active_request_bias: float = 1.0  # LEAST_REQUEST
+    slow_start: SlowStartConfig | None = None  # ROUND_ROBIN / LEAST_REQUEST
+    ring_min_size: int = 1024  # RING_HASH
+    ring_max_size: int = 8 * 1024 * 1024  # RING_HASH
+    maglev_table_size: int = 65537  # MAGLEV (must be prime)
+
+
+class HealthCheckKind(StrEnum):
+    HTTP = "http"
+    TCP = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """core.v3.HealthCheck (HTTP or TCP), compiled. Durations in seconds."""
+
+    kind: HealthCheckKind
+    timeout: float
+    interval: float
+    unhealthy_threshold: int
+    healthy_threshold: int
+    initial_jitter: float = 0.0
+    interval_jitter: float = 0.0
+    interval_jitter_percent: int = 0
+    no_traffic_interval: float = 60.0
+    no_traffic_healthy_interval: float | None = None  # None: no_traffic_interval
+    unhealthy_interval: float | None = None  # None: interval
+    # HTTP
+    path: str = "/"
+    host: str = ""  # empty: the cluster name, as Envoy
+    method: str = "GET"
+    request_headers: tuple[tuple[str, str], ...] = ()
+    request_headers_to_remove: tuple[str, ...] = ()
+    # Half-open [start, end) status ranges; Envoy's default is 200 only.
+    expected_statuses: tuple[tuple[int, int], ...] = ((200, 201),)
+    # TCP: bytes to send, then each of ``receive`` must appear in the reply, in order.
+    send: bytes = b""
+    receive: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetectionConfig:
+    """cluster.v3.OutlierDetection with Envoy's defaults. Percentages are 0..100;
+    ``success_rate_stdev_factor`` is in thousandths, as in Envoy (1900 = 1.9)."""
+
+    consecutive_5xx: int = 5
+    consecutive_gateway_failure: int = 5
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 10
+    enforcing_consecutive_5xx: int = 100
+    enforcing_consecutive_gateway_failure: int = 0
+    enforcing_success_rate: int = 100
+    success_rate_minimum_hosts: int = 5
+    success_rate_request_volume: int = 100
+    success_rate_stdev_factor: int = 1900
+    always_eject_one_host: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerThresholds:
+    """CircuitBreakers.Thresholds for one priority, with Envoy's defaults."""
+
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+    track_remaining: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakers:
+    default: CircuitBreakerThresholds = CircuitBreakerThresholds()
+    high: CircuitBreakerThresholds = CircuitBreakerThresholds()
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     discovery: DiscoveryType
@@ -507,6 +624,10 @@ class Cluster:
     dns_refresh_rate: float = 5.0
     dns_lookup_family: Literal["AUTO", "V4_ONLY", "V6_ONLY", "V4_PREFERRED", "ALL"] = "AUTO"
     respect_dns_ttl: bool = False
+    lb: LbSettings = LbSettings()
+    health_checks: tuple[HealthCheckConfig, ...] = ()
+    outlier_detection: OutlierDetectionConfig | None = None
+    circuit_breakers: CircuitBreakers = CircuitBreakers()
 
 
 # --------------------------------------------------------------------------- #
