@@ -93,5 +93,10 @@ def test_upgrade_not_allowed_without_upgrade_configs(start_meshlet: StartMeshlet
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"GET /chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
                      b"Connection: Upgrade\r\n\r\n")
-        head = sock.recv(4096)
-    assert head.startswith(b"HTTP/1.1 403")  # Envoy: upgrade_failed
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    assert head.startswith(b"HTTP/1.1 403"), head  # Envoy: upgrade_failed
