@@ -130,6 +130,8 @@ class MeshletProcess:
 
     def __post_init__(self) -> None:
         self.admin_port = self.config["admin"]["address"]["socket_address"]["port_value"]
+        if "--admin-port" in self.extra_args:  # the command line wins over the bootstrap
+            self.admin_port = int(self.extra_args[self.extra_args.index("--admin-port") + 1])
         self.config_path = self.workdir / "meshlet.yaml"
         self.log_path = self.workdir / "meshlet.log"
 

@@ -23,6 +23,8 @@ from interop_helpers import (
     route,
 )
 
+from meshlet.bench.admin import admin_get
+
 pytestmark = pytest.mark.interop
 
 
@@ -127,3 +129,37 @@ def test_cli_unsupported_field_is_named(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     assert_one_line_usage_error(run_cli("proxy", "--config", str(path)),
                                 "static_resources.clusters[0].lb_policy")
+
+
+def test_prometheus_output_parses_with_prometheus_client(proxy: tuple[MeshletProcess, int]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    meshlet, port = proxy
+    assert get(f"http://127.0.0.1:{port}/")[0] == 200
+    status, body = meshlet.admin("/stats/prometheus")
+    assert status == 200
+    families = {family.name: family for family in text_string_to_metric_families(body)}
+    # prometheus_client names counters without their _total suffix.
+    samples = families["envoy_cluster_upstream_rq"].samples
+    assert any(s.labels.get("envoy_cluster_name") == "app" and s.value >= 1 for s in samples)
+
+
+def test_runtime_settings_and_command_line_overrides(start_meshlet: StartMeshlet, upstream_port: int) -> None:
+    port, admin, override_admin = ports(3)
+    config = bootstrap([listener("http", port, [hcm([route("/")])])], [cluster("app", upstream_port)], admin)
+    config["layered_runtime"] = {"layers": [{"name": "static", "static_layer": {
+        "meshlet.tls_engine": "meshlet", "meshlet.regex_engine": "re"}}]}
+    meshlet = start_meshlet(config)
+    options = json.loads(meshlet.admin("/server_info")[1])["command_line_options"]
+    assert options["tls_engine"] == "meshlet"
+    meshlet.stop()
+
+    overridden = start_meshlet(config, "--tls-engine", "openssl", "--admin-port", str(override_admin),
+                               "--drain-time", "2")
+    assert overridden.admin_port == override_admin  # it answered /ready there
+    assert admin_get(admin, "/ready")[0] == 0  # and not on the bootstrap's admin port
+    status, body = admin_get(override_admin, "/server_info")
+    assert status == 200
+    options = json.loads(body)["command_line_options"]
+    assert options["tls_engine"] == "openssl"
+    assert options["drain_time"] == "2s"
