@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,6 +16,7 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from certs import Pki, make_pki
 from meshlet.proxy.http.h1_common import BadMessage, build_request_head
 from meshlet.proxy.http.h1_server import H1ServerProtocol, H1ServerStream
 from meshlet.proxy.http.stream import CodecSettings, DownstreamStream, ResponseHead, StreamReset
@@ -47,7 +49,9 @@ class Server:
 
 
 @asynccontextmanager
-async def serve(handler: Handler, **settings: object) -> AsyncIterator[Server]:
+async def serve(
+    handler: Handler, tls: ssl.SSLContext | None = None, **settings: object
+) -> AsyncIterator[Server]:
     replies: list[tuple[int, str]] = []
     protocols: list[H1ServerProtocol] = []
     codec = CodecSettings(on_local_reply=lambda s, d: replies.append((s, d)), **settings)  # type: ignore[arg-type]
@@ -58,7 +62,7 @@ async def serve(handler: Handler, **settings: object) -> AsyncIterator[Server]:
         return proto
 
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(factory, "127.0.0.1", 0)
+    server = await loop.create_server(factory, "127.0.0.1", 0, ssl=tls)
     try:
         yield Server(server.sockets[0].getsockname()[1], protocols, replies)
     finally:
@@ -861,4 +865,75 @@ async def test_pipelined_bodies_stay_bounded_while_an_earlier_one_drains() -> No
         assert len((await read_response(reader))[2]) == small
         assert len((await read_response(reader))[2]) == large
         assert seen["/b"] <= limit + 512 * 1024
+        writer.close()
+
+
+# -- over TLS (a transport that cannot half-close) ---------------------------------- #
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path)
+
+
+def server_tls(pki: Pki) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    return ctx
+
+
+def client_tls(pki: Pki) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(pki.ca_cert))
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+async def test_curl_over_tls(pki: Pki) -> None:
+    async with serve(echo, tls=server_tls(pki), scheme="https") as srv:
+        url = f"https://localhost:{srv.port}"
+        proc = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "--http1.1", "--max-time", "5", "--cacert", str(pki.ca_cert),
+            "--resolve", f"localhost:{srv.port}:127.0.0.1", f"{url}/one", f"{url}/two",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 8)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        first, second = out.replace(b"}{", b"}\n{").split(b"\n")
+        assert json.loads(first)["path"] == "/one" and json.loads(second)["path"] == "/two", err
+        assert len(srv.protocols) == 1
+
+
+async def test_close_delimited_response_over_tls(pki: Pki) -> None:
+    async def stream_out(stream: DownstreamStream) -> None:
+        await stream.send_head(ResponseHead(200))
+        await stream.send_data(b"until-", end_stream=False)
+        await stream.send_data(b"close", end_stream=True)
+
+    async with serve(stream_out, tls=server_tls(pki)) as srv:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", srv.port, ssl=client_tls(pki), server_hostname="localhost"
+        )
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        data = await read_to_eof(reader)
+        assert data.endswith(b"\r\n\r\nuntil-close")
+        writer.close()
+
+
+async def test_early_response_over_tls_reaches_the_client(pki: Pki) -> None:
+    async def reject(stream: DownstreamStream) -> None:
+        await stream.send_head(ResponseHead(413, [("content-length", "0")]), end_stream=True)
+
+    async with serve(reject, tls=server_tls(pki)) as srv:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", srv.port, ssl=client_tls(pki), server_hostname="localhost"
+        )
+        writer.write(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4000000\r\n\r\n")
+        for _ in range(20):
+            writer.write(b"t" * 65536)
+            await asyncio.wait_for(writer.drain(), 5)
+        status, headers, _ = await read_response(reader)
+        assert status.startswith(b"HTTP/1.1 413 ") and headers["connection"] == "close"
         writer.close()

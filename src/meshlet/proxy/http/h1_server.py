@@ -386,23 +386,27 @@ class H1ServerProtocol(asyncio.Protocol):
             self._closing = True
             self._transport.close()
 
-    def _close_after_response(self) -> None:
+    def _close_after_response(self, framed: bool = True) -> None:
         """Close once the written responses reach the client.
 
         Closing a socket that still has unread input makes the kernel send a
         RST, which can destroy the response before the client reads it (a 413
         or 400 answered before the body arrived). So: half-close our side,
         keep reading and dropping input until the client closes or
-        LINGER_TIMEOUT passes, then close.
+        LINGER_TIMEOUT passes, then close. Transports that cannot half-close
+        (TLS) linger the same way when the last response is ``framed`` (its
+        end is visible, the client closes on it); a response that ends only
+        with the connection needs the close now.
         """
         transport = self._transport
         if transport is None or self._closing:
             return
-        if not transport.can_write_eof():
+        if transport.can_write_eof():
+            transport.write_eof()
+        elif not framed:
             self.close()
             return
         self._closing = True
-        transport.write_eof()
         if self._pause_reasons:
             self._pause_reasons = 0
             transport.resume_reading()
@@ -512,7 +516,7 @@ class H1ServerProtocol(asyncio.Protocol):
         if not (stream._keep_alive and stream._request_done) or self.draining:
             # A request whose body was not read to its end leaves the parser
             # mid-message: the connection cannot carry another request.
-            self._close_after_response()
+            self._close_after_response(framed=stream._framing < _UNTIL_CLOSE)
             return
         if self._streams:
             self._dispatch(self._streams[0])
