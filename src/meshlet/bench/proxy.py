@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +260,3 @@ def run_proxy_bench(opts: ProxyBenchOptions, progress: Progress) -> dict[str, An
         finally:
             upstream.stop()
     return {"rows": rows}
-
-
-def with_systems(opts: ProxyBenchOptions, systems: tuple[str, ...]) -> ProxyBenchOptions:
-    return replace(opts, systems=systems)
