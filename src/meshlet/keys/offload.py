@@ -119,7 +119,12 @@ class OffloadKeyProvider(KeyProvider):
             raise KeyProviderError(f"{self.provider_name}: {exc}") from None
 
     def stats(self) -> dict[str, Any]:
-        extra = {"mode": self.mode, "workers": self.workers, "max_in_flight": self._limit.limit}
+        extra = {
+            "mode": self.mode,
+            "workers": self.workers,
+            "max_in_flight": self._limit.limit,
+            "submitted": self._limit.active,  # in the pool now: at most max_in_flight
+        }
         return {**super().stats(), **extra}
 
     def close(self) -> None:
@@ -136,13 +141,16 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
 def build_offload(config: PrivateKeyProviderConfig) -> OffloadKeyProvider:
     settings = Settings(config.settings, OffloadKeyProvider.provider_name)
     settings.only("private_key", "mode", "workers", "max_in_flight", "queue_timeout", "sign_timeout")
-    key = read_private_key(settings)
+    mode = settings.choice("mode", MODES, "thread")
     workers = settings.integer("workers", default_workers(), minimum=1, maximum=256)
+    max_in_flight = settings.integer("max_in_flight", 64 * workers, minimum=1, maximum=65536)
+    queue_timeout = settings.number("queue_timeout", 1.0, minimum=0.001, maximum=60.0)
+    sign_timeout = settings.number("sign_timeout", 5.0, minimum=0.001, maximum=60.0)
     return OffloadKeyProvider(
-        key,
-        mode=settings.choice("mode", MODES, "thread"),
+        read_private_key(settings),
+        mode=mode,
         workers=workers,
-        max_in_flight=settings.integer("max_in_flight", 64 * workers, minimum=1, maximum=65536),
-        queue_timeout=settings.number("queue_timeout", 1.0, minimum=0.001, maximum=60.0),
-        sign_timeout=settings.number("sign_timeout", 5.0, minimum=0.001, maximum=60.0),
+        max_in_flight=max_in_flight,
+        queue_timeout=queue_timeout,
+        sign_timeout=sign_timeout,
     )
