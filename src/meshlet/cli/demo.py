@@ -201,7 +201,6 @@ def demo(once: bool, config_path: Path | None, total: int, log_level: str) -> No
         source = config_path or example_path(DEMO_CONFIG)
     except ChildError as exc:
         raise CliError(str(exc), EXIT_RUNTIME) from exc
-    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     with tempfile.TemporaryDirectory(prefix="meshlet-demo-") as tmp:
         workdir = Path(tmp)
         config, ports, moved = prepare_config(source, workdir)
@@ -209,6 +208,8 @@ def demo(once: bool, config_path: Path | None, total: int, log_level: str) -> No
             console.print(f"port {old} is taken; using {new} instead")
         upstream: Child | None = None
         proxy: Child | None = None
+        # SIGTERM (e.g. from a CI timeout) stops the demo the way Ctrl-C does.
+        previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             upstream, _ = start_upstream(ports.upstream)
             console.print(f"sample app on http://{LOOPBACK}:{ports.upstream}")
