@@ -44,7 +44,7 @@ RSA_SCHEMES = (
 
 
 @cache
-def key_of(kind: str, index: int = 0) -> SigningKey:
+def key_of(kind: str) -> SigningKey:
     if kind.startswith("RSA-"):
         return rsa.generate_private_key(65537, int(kind[4:]))
     if kind == "P-384":
@@ -60,7 +60,9 @@ def schemes_of(kind: str) -> Sequence[int]:
     return (SignatureScheme.ecdsa_secp256r1_sha256,)
 
 
-async def sign_all(provider: BatchKeyProvider, count: int, payload: bytes = b"") -> list[tuple[int, bytes, bytes]]:
+async def sign_all(
+    provider: BatchKeyProvider, count: int, payload: bytes = b""
+) -> list[tuple[int, bytes, bytes]]:
     """``count`` concurrent signs cycling through the key's schemes."""
     schemes = list(provider.schemes)
     jobs = [(schemes[i % len(schemes)], payload or f"message {i}".encode()) for i in range(count)]
@@ -118,8 +120,12 @@ async def test_a_partial_batch_leaves_after_poll_delay() -> None:
 
 @needs_crypto_mb
 async def test_keys_of_one_type_share_batches_and_each_gets_its_own_signature() -> None:
-    rsa_providers = [BatchKeyProvider(rsa.generate_private_key(65537, 2048), poll_delay=0.002) for _ in range(3)]
-    ec_providers = [BatchKeyProvider(ec.generate_private_key(ec.SECP256R1()), poll_delay=0.002) for _ in range(2)]
+    rsa_providers = [
+        BatchKeyProvider(rsa.generate_private_key(65537, 2048), poll_delay=0.002) for _ in range(3)
+    ]
+    ec_providers = [
+        BatchKeyProvider(ec.generate_private_key(ec.SECP256R1()), poll_delay=0.002) for _ in range(2)
+    ]
     providers = rsa_providers + ec_providers
     results = await asyncio.gather(*(sign_all(p, 7) for p in providers))
     for provider, signed in zip(providers, results, strict=True):
@@ -241,7 +247,8 @@ def test_settings_from_a_key_file(tmp_path: Path) -> None:
     )
     provider = build_batch(
         PrivateKeyProviderConfig(
-            "meshlet.batch", {"key": str(key_file), "poll_delay": "0.5ms", "max_batch": 4.0, "software_fallback": True}
+            "meshlet.batch",
+            {"key": str(key_file), "poll_delay": "0.5ms", "max_batch": 4.0, "software_fallback": True},
         )
     )
     stats = provider.stats()
