@@ -1,0 +1,643 @@
+"""``meshlet.batch``: multi-buffer signing on AVX-512 IFMA (Intel crypto_mb).
+
+Sign operations are gathered per key type (RSA-2048/3072/4096, P-256,
+P-384) and per event loop; a batch leaves when ``max_batch`` operations are
+queued or ``poll_delay`` after its first one, and one ``mb8`` call signs all
+of it in a worker thread (ctypes drops the GIL) while the loop keeps
+serving. Lanes of one batch may belong to different keys of the same type.
+While a batch is being computed, a timer-driven flush of the same queue
+waits for it to finish, so that a busy queue sends fuller batches instead
+of a line of small ones.
+
+RSA: EMSA-PSS is encoded here (``meshlet.keys.pss``, fresh salt) and the
+library does the CRT private operation. ECDSA: every signature gets a fresh
+nonce from ``secrets``; the library computes (r, s), which is DER-encoded.
+
+Where crypto_mb cannot run (library absent, no AVX-512 IFMA, a key size it
+does not do, or ``backend: software``), the provider signs with
+``cryptography`` in the same worker thread, says so once in the log and
+reports ``fallback_reason`` in its stats; with ``software_fallback: false``
+that is a configuration error instead. A lane the library fails is signed
+in software as well and counted. Settings::
+
+    key: PATH                     PEM private key file, or
+    private_key: {filename | inline_string | environment_variable}
+    poll_delay: "0.2ms" | "200us" | "0.0002s" | seconds   (default 0.2ms)
+    max_batch: 1..8               (default 8)
+    software_fallback: bool       (default true)
+    backend: crypto_mb | software (default crypto_mb)
+    max_in_flight: 1..65536       (default 1024)
+    sign_timeout: seconds         (default 5)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from meshlet.config.model import PrivateKeyProviderConfig
+from meshlet.errors import ConfigError
+from meshlet.keys import crypto_mb
+from meshlet.keys.base import (
+    InFlightLimit,
+    KeyProvider,
+    KeyProviderError,
+    KeyProviderUnavailable,
+    ProviderUnavailable,
+    Settings,
+)
+from meshlet.keys.crypto_mb import (
+    CryptoMb,
+    CryptoMbUnavailable,
+    EcdsaCurve,
+    EcdsaLane,
+    Lane,
+    LaneResult,
+    RsaCrtKey,
+    RsaLane,
+)
+from meshlet.keys.local import SigningKey, load_signing_key, read_private_key
+from meshlet.keys.pss import emsa_pss_encode
+from meshlet.tls.crypto import SignatureScheme, sign
+
+__all__ = [
+    "BACKENDS",
+    "BatchKeyProvider",
+    "build_batch",
+    "key_type",
+    "measure",
+    "parse_duration",
+    "plan",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("crypto_mb", "software")
+DEFAULT_POLL_DELAY = 0.0002
+MAX_POLL_DELAY = 1.0
+
+_PSS_HASH: dict[int, str] = {
+    SignatureScheme.rsa_pss_rsae_sha256: "sha256",
+    SignatureScheme.rsa_pss_rsae_sha384: "sha384",
+    SignatureScheme.rsa_pss_rsae_sha512: "sha512",
+}
+_ECDSA_HASH: dict[int, str] = {
+    SignatureScheme.ecdsa_secp256r1_sha256: "sha256",
+    SignatureScheme.ecdsa_secp384r1_sha384: "sha384",
+}
+
+
+# --------------------------------------------------------------------------- #
+# Which path a key takes
+# --------------------------------------------------------------------------- #
+
+
+def key_type(key: SigningKey) -> str:
+    """The queue a key's operations join: ``RSA-2048``, ``P-256``, ..."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        return f"RSA-{key.key_size}"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return {"secp256r1": "P-256", "secp384r1": "P-384"}.get(key.curve.name, key.curve.name)
+    return "Ed25519"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The path one key's signatures take, and why."""
+
+    key_type: str
+    batched: bool
+    reason: str
+
+
+def plan(key: SigningKey, backend: str = "crypto_mb", report: crypto_mb.Probe | None = None) -> Plan:
+    kind = key_type(key)
+    if backend == "software":
+        return Plan(kind, False, "software backend chosen by the 'backend' setting")
+    report = report if report is not None else crypto_mb.probe()
+    if not report.usable:
+        return Plan(kind, False, report.reason)
+    if kind not in crypto_mb.ALGORITHMS:
+        return Plan(kind, False, f"crypto_mb does not batch {kind} keys (RSA-2048/3072/4096, P-256, P-384)")
+    if not report.supports(kind):
+        return Plan(kind, False, f"crypto_mb reports {kind} unsupported on this CPU")
+    if isinstance(key, rsa.RSAPrivateKey):
+        numbers = key.private_numbers()
+        half = key.key_size // 2
+        if numbers.p.bit_length() != half or numbers.q.bit_length() != half:
+            return Plan(kind, False, f"crypto_mb needs both RSA primes of {half} bits")
+    return Plan(kind, True, f"{kind} signatures are batched on crypto_mb ({report.reason})")
+
+
+# --------------------------------------------------------------------------- #
+# The worker thread
+# --------------------------------------------------------------------------- #
+
+_executor_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+
+
+def _worker() -> ThreadPoolExecutor:
+    """One thread per process signs every batch: mb8 calls use one core each
+    and the library's scratch buffers are reused between calls."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(1, thread_name_prefix="meshlet-batch")
+        return _executor
+
+
+# --------------------------------------------------------------------------- #
+# Queues: one per (event loop, key type, batch settings)
+# --------------------------------------------------------------------------- #
+
+# The status given to lanes of a batch whose call raised (no library status).
+LANE_FAILED = 0x10
+
+
+class QueueStats:
+    __slots__ = ("batches", "full_flushes", "lanes", "timer_flushes")
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.lanes = 0
+        self.full_flushes = 0
+        self.timer_flushes = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "batched_ops": self.lanes,
+            "mean_batch": round(self.lanes / self.batches, 2) if self.batches else 0.0,
+            "full_flushes": self.full_flushes,
+            "timer_flushes": self.timer_flushes,
+        }
+
+
+class _Pending:
+    __slots__ = ("future", "lane")
+
+    def __init__(self, lane: Lane, future: asyncio.Future[LaneResult]) -> None:
+        self.lane = lane
+        self.future = future
+
+
+class BatchQueue:
+    """Gathers lanes of one key type on one loop and runs them in batches."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        run: Callable[[Sequence[Lane]], list[LaneResult]],
+        max_batch: int,
+        poll_delay: float,
+        *,
+        inline: bool = False,
+    ) -> None:
+        self._loop = loop
+        self._run = run
+        self._max_batch = max_batch
+        self._poll_delay = poll_delay
+        self._inline = inline
+        self._pending: list[_Pending] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._busy = False
+        self._flush_when_idle = False
+        self.stats = QueueStats()
+
+    def submit(self, lane: Lane) -> asyncio.Future[LaneResult]:
+        future: asyncio.Future[LaneResult] = self._loop.create_future()
+        self._pending.append(_Pending(lane, future))
+        if len(self._pending) >= self._max_batch:
+            self.stats.full_flushes += 1
+            self._flush()
+        elif self._timer is None and not self._flush_when_idle:
+            self._timer = self._loop.call_later(self._poll_delay, self._on_timer)
+        return future
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._busy:
+            # The worker is still on the previous batch: keep gathering.
+            self._flush_when_idle = True
+            return
+        self.stats.timer_flushes += 1
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._flush_when_idle = False
+        batch = [p for p in self._pending[: self._max_batch] if not p.future.done()]
+        del self._pending[: self._max_batch]
+        if self._pending and self._timer is None:
+            self._timer = self._loop.call_later(self._poll_delay, self._on_timer)
+        if not batch:
+            return
+        self.stats.batches += 1
+        self.stats.lanes += len(batch)
+        lanes = [p.lane for p in batch]
+        if self._inline:
+            self._deliver(batch, self._call(lanes))
+            return
+        self._busy = True
+        work = self._loop.run_in_executor(_worker(), self._call, lanes)
+        work.add_done_callback(lambda done: self._finished(batch, done))
+
+    def _call(self, lanes: Sequence[Lane]) -> list[LaneResult]:
+        try:
+            return self._run(lanes)
+        except Exception as exc:
+            # A binding failure fails this batch only: every lane reports an
+            # error and is signed in software by its provider.
+            log.warning("meshlet.batch: a %d-lane batch failed: %s", len(lanes), exc)
+            return [LANE_FAILED] * len(lanes)
+
+    def _finished(self, batch: list[_Pending], done: asyncio.Future[list[LaneResult]]) -> None:
+        self._busy = False
+        outcome: list[LaneResult] | BaseException
+        if done.cancelled():
+            outcome = KeyProviderUnavailable("meshlet.batch: the batch worker stopped")
+        elif (error := done.exception()) is not None:
+            outcome = KeyProviderUnavailable(f"meshlet.batch: the batch worker failed: {error}")
+        else:
+            outcome = done.result()
+        self._deliver(batch, outcome)
+        if self._flush_when_idle and self._pending:
+            self.stats.timer_flushes += 1
+            self._flush()
+
+    @staticmethod
+    def _deliver(batch: list[_Pending], outcome: list[LaneResult] | BaseException) -> None:
+        for index, pending in enumerate(batch):
+            if pending.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome[index])
+
+
+# Queues outlive no loop: a loop that goes away takes its queues with it.
+_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int, float, bool], BatchQueue]]
+_queues = weakref.WeakKeyDictionary()
+
+
+def queue_for(
+    kind: str,
+    run: Callable[[Sequence[Lane]], list[LaneResult]],
+    max_batch: int,
+    poll_delay: float,
+    *,
+    inline: bool = False,
+) -> BatchQueue:
+    loop = asyncio.get_running_loop()
+    per_loop = _queues.setdefault(loop, {})
+    key = (kind, max_batch, poll_delay, inline)
+    queue = per_loop.get(key)
+    if queue is None:
+        queue = per_loop[key] = BatchQueue(loop, run, max_batch, poll_delay, inline=inline)
+    return queue
+
+
+# --------------------------------------------------------------------------- #
+# Per-key lane builders
+# --------------------------------------------------------------------------- #
+
+
+class _RsaSigner:
+    """Turns (scheme, data) into an RSA lane and a lane result into a signature."""
+
+    def __init__(self, key: rsa.RSAPrivateKey, engine: CryptoMb) -> None:
+        numbers = key.private_numbers()
+        self.bits = key.key_size
+        self.crt = RsaCrtKey.from_numbers(
+            self.bits, numbers.p, numbers.q, numbers.dmp1, numbers.dmq1, numbers.iqmp
+        )
+        self.run = engine.run
+
+    def lane(self, scheme: int, data: bytes) -> Lane:
+        return RsaLane(self.crt, emsa_pss_encode(data, self.bits, _PSS_HASH[scheme]))
+
+    @staticmethod
+    def signature(result: LaneResult) -> bytes:
+        assert isinstance(result, bytes)
+        return result
+
+
+class _EcdsaSigner:
+    def __init__(self, key: ec.EllipticCurvePrivateKey, engine: CryptoMb) -> None:
+        self.curve: EcdsaCurve = crypto_mb.ECDSA_CURVES[key_type(key)]
+        self.private = EcdsaLane.private_limbs(self.curve, key.private_numbers().private_value)
+        self.run = engine.run
+
+    def lane(self, scheme: int, data: bytes) -> Lane:
+        digest = hashlib.new(_ECDSA_HASH[scheme], data).digest()
+        e = int.from_bytes(digest, "big")
+        excess = 8 * len(digest) - self.curve.bits
+        if excess > 0:  # the leftmost curve-size bits of the hash (SEC 1, 4.1.3)
+            e >>= excess
+        order = self.curve.order
+        # A fresh nonce from the OS CSPRNG for every signature, never reused.
+        nonce = secrets.randbelow(order - 1) + 1
+        return EcdsaLane(self.curve, self.private, nonce, e % order)
+
+    @staticmethod
+    def signature(result: LaneResult) -> bytes:
+        assert isinstance(result, tuple)
+        return encode_dss_signature(*result)
+
+
+# --------------------------------------------------------------------------- #
+# The provider
+# --------------------------------------------------------------------------- #
+
+
+class BatchKeyProvider(KeyProvider):
+    provider_name = "meshlet.batch"
+
+    def __init__(
+        self,
+        private_key: SigningKey,
+        *,
+        poll_delay: float = DEFAULT_POLL_DELAY,
+        max_batch: int = crypto_mb.LANES,
+        software_fallback: bool = True,
+        backend: str = "crypto_mb",
+        max_in_flight: int = 1024,
+        sign_timeout: float = 5.0,
+        inline: bool = False,
+        report: crypto_mb.Probe | None = None,
+    ) -> None:
+        """``inline`` runs mb8 calls on the event loop (for measurements);
+        ``report`` replaces this machine's crypto_mb probe (for tests)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}")
+        if not 1 <= max_batch <= crypto_mb.LANES:
+            raise ValueError(f"max_batch must be in [1, {crypto_mb.LANES}]")
+        if not 0 <= poll_delay <= MAX_POLL_DELAY:
+            raise ValueError(f"poll_delay must be in [0, {MAX_POLL_DELAY:g}] s")
+        super().__init__(private_key.public_key())
+        self._private = private_key
+        self._poll_delay = poll_delay
+        self._max_batch = max_batch
+        self._inline = inline
+        self._limit = InFlightLimit(max_in_flight, sign_timeout)
+        self._sign_timeout = sign_timeout
+        self._closed = False
+        self.lane_errors = 0
+        self.software_ops = 0
+        self.plan = plan(private_key, backend, report)
+        self._signer = self._make_signer() if self.plan.batched else None
+        if self._signer is None:
+            if not software_fallback and backend != "software":
+                raise ProviderUnavailable("", f"{self.provider_name}: cannot batch: {self.plan.reason}")
+            log.warning(
+                "%s: %s key signs in software: %s", self.provider_name, self.plan.key_type, self.plan.reason
+            )
+
+    def _make_signer(self) -> _RsaSigner | _EcdsaSigner | None:
+        try:
+            engine = crypto_mb.load()
+            if isinstance(self._private, rsa.RSAPrivateKey):
+                return _RsaSigner(self._private, engine)
+            if isinstance(self._private, ec.EllipticCurvePrivateKey):
+                return _EcdsaSigner(self._private, engine)
+        except (CryptoMbUnavailable, ValueError) as exc:
+            self.plan = Plan(self.plan.key_type, False, str(exc))
+        return None
+
+    @property
+    def batched(self) -> bool:
+        return self._signer is not None
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return None if self.batched else self.plan.reason
+
+    async def _sign(self, scheme: int, data: bytes) -> bytes:
+        if self._closed:
+            raise KeyProviderError(f"{self.provider_name}: the provider is closed")
+        await self._limit.acquire()
+        try:
+            return await asyncio.wait_for(self._sign_once(scheme, data), self._sign_timeout)
+        except TimeoutError:
+            raise KeyProviderUnavailable(
+                f"{self.provider_name}: no signature within {self._sign_timeout:g} s"
+            ) from None
+        finally:
+            self._limit.release()
+
+    async def _sign_once(self, scheme: int, data: bytes) -> bytes:
+        signer = self._signer
+        if signer is None:
+            return await self._sign_in_software(scheme, data)
+        queue = queue_for(
+            self.plan.key_type, signer.run, self._max_batch, self._poll_delay, inline=self._inline
+        )
+        result = await queue.submit(signer.lane(scheme, data))
+        if isinstance(result, int):
+            # A lane the library refused: still a signature, from software.
+            self.lane_errors += 1
+            return await self._sign_in_software(scheme, data)
+        return signer.signature(result)
+
+    async def _sign_in_software(self, scheme: int, data: bytes) -> bytes:
+        self.software_ops += 1
+        loop = asyncio.get_running_loop()
+        try:
+            if self._inline:
+                return sign(self._private, scheme, data)
+            return await loop.run_in_executor(_worker(), sign, self._private, scheme, data)
+        except ValueError as exc:
+            raise KeyProviderError(f"{self.provider_name}: {exc}") from None
+
+    def stats(self) -> dict[str, Any]:
+        out = {
+            **super().stats(),
+            "path": "crypto_mb" if self.batched else "software",
+            "key_type": self.plan.key_type,
+            "fallback_reason": self.fallback_reason,
+            "lane_errors": self.lane_errors,
+            "software_ops": self.software_ops,
+            "max_batch": self._max_batch,
+            "poll_delay_ms": self._poll_delay * 1000.0,
+        }
+        if self._signer is not None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            key = (self.plan.key_type, self._max_batch, self._poll_delay, self._inline)
+            queue = _queues.get(loop, {}).get(key) if loop is not None else None
+            if queue is not None:
+                out["queue"] = queue.stats.snapshot()
+        return out
+
+    def close(self) -> None:
+        self._closed = True
+
+
+# --------------------------------------------------------------------------- #
+# Settings
+# --------------------------------------------------------------------------- #
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(us|µs|ms|s)?\s*$")
+_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, None: 1.0}
+
+
+def parse_duration(value: object, path: str) -> float:
+    """Seconds from a number of seconds or a string such as ``0.2ms``,
+    ``200us`` or ``0.0002s`` (a protobuf Duration's JSON form)."""
+    if isinstance(value, bool):
+        raise ConfigError(path, f"must be a duration (got {value!r})")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise ConfigError(path, f"must be a duration such as '0.2ms', '200us' or '0.0002s' (got {value!r})")
+    if not 0 <= seconds <= MAX_POLL_DELAY:
+        raise ConfigError(path, f"must be between 0 and {MAX_POLL_DELAY:g} s (got {value!r})")
+    return seconds
+
+
+def _boolean(settings: Settings, name: str, default: bool) -> bool:
+    value = settings.values.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(settings.field_path(name), f"must be true or false (got {value!r})")
+    return value
+
+
+def _read_key(settings: Settings) -> SigningKey:
+    given = [name for name in ("key", "private_key") if name in settings.values]
+    if len(given) != 1:
+        raise ConfigError(
+            settings.path, "meshlet.batch needs exactly one of key (a PEM file path), private_key"
+        )
+    if given[0] == "private_key":
+        return read_private_key(settings)
+    path = settings.string("key")
+    try:
+        with open(path, "rb") as f:
+            pem = f.read(1 << 20)
+    except OSError as exc:
+        raise ConfigError(settings.field_path("key"), f"cannot read {path}: {exc.strerror}") from None
+    return load_signing_key(pem, settings.field_path("key"))
+
+
+def build_batch(config: PrivateKeyProviderConfig) -> BatchKeyProvider:
+    """The ``meshlet.batch`` registry factory."""
+    settings = Settings(config.settings, BatchKeyProvider.provider_name)
+    settings.only(
+        "key",
+        "private_key",
+        "poll_delay",
+        "max_batch",
+        "software_fallback",
+        "backend",
+        "max_in_flight",
+        "sign_timeout",
+    )
+    key = _read_key(settings)
+    poll_delay = parse_duration(
+        settings.values.get("poll_delay", DEFAULT_POLL_DELAY), settings.field_path("poll_delay")
+    )
+    try:
+        return BatchKeyProvider(
+            key,
+            poll_delay=poll_delay,
+            max_batch=settings.integer("max_batch", crypto_mb.LANES, minimum=1, maximum=crypto_mb.LANES),
+            software_fallback=_boolean(settings, "software_fallback", True),
+            backend=settings.choice("backend", BACKENDS, "crypto_mb"),
+            max_in_flight=settings.integer("max_in_flight", 1024, minimum=1, maximum=65536),
+            sign_timeout=settings.number("sign_timeout", 5.0, minimum=0.001, maximum=60.0),
+        )
+    except ProviderUnavailable as exc:
+        raise ProviderUnavailable(settings.path, exc.message) from None
+    except ValueError as exc:
+        raise ConfigError(settings.path, str(exc)) from None
+
+
+# --------------------------------------------------------------------------- #
+# Micro-benchmark
+# --------------------------------------------------------------------------- #
+
+_BENCH_SCHEME = {
+    "RSA-2048": SignatureScheme.rsa_pss_rsae_sha256,
+    "RSA-3072": SignatureScheme.rsa_pss_rsae_sha256,
+    "RSA-4096": SignatureScheme.rsa_pss_rsae_sha256,
+    "P-256": SignatureScheme.ecdsa_secp256r1_sha256,
+    "P-384": SignatureScheme.ecdsa_secp384r1_sha384,
+}
+
+
+def _bench_key(kind: str) -> SigningKey:
+    if kind.startswith("RSA-"):
+        return rsa.generate_private_key(65537, int(kind[4:]))
+    if kind == "P-256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind == "P-384":
+        return ec.generate_private_key(ec.SECP384R1())
+    raise ValueError(f"unknown key type {kind!r} (one of {', '.join(_BENCH_SCHEME)})")
+
+
+def _software_rate(key: SigningKey, scheme: int, seconds: float) -> float:
+    count = 0
+    started = time.perf_counter()
+    deadline = started + seconds
+    while time.perf_counter() < deadline:
+        sign(key, scheme, b"meshlet batch benchmark")
+        count += 1
+    return count / (time.perf_counter() - started)
+
+
+async def _provider_rate(provider: BatchKeyProvider, scheme: int, seconds: float, concurrency: int) -> float:
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await provider.sign(scheme, b"meshlet batch benchmark")
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return done / (time.perf_counter() - started)
+
+
+def measure(key_type: str, seconds: float = 2.0, *, concurrency: int = 64) -> dict[str, Any]:
+    """Signatures per second on one core: ``meshlet.batch`` (``concurrency``
+    signs in flight, mb8 calls in the worker thread and, for comparison,
+    inline on the loop) against ``cryptography`` signing one at a time.
+    Time is split evenly between the three runs. Not for use on a loop."""
+    key = _bench_key(key_type)
+    scheme = _BENCH_SCHEME[key_type]
+    part = seconds / 3
+    result: dict[str, Any] = {"key_type": key_type, "seconds": seconds, "concurrency": concurrency}
+    threaded = BatchKeyProvider(key, poll_delay=DEFAULT_POLL_DELAY)
+    result["path"] = "crypto_mb" if threaded.batched else "software"
+    result["reason"] = threaded.plan.reason
+    result["batch_signs_per_s"] = round(asyncio.run(_provider_rate(threaded, scheme, part, concurrency)))
+    result["batch_stats"] = {k: threaded.stats()[k] for k in ("software_ops", "lane_errors")}
+    inline = BatchKeyProvider(key, poll_delay=DEFAULT_POLL_DELAY, inline=True)
+    result["batch_inline_signs_per_s"] = round(asyncio.run(_provider_rate(inline, scheme, part, concurrency)))
+    result["cryptography_signs_per_s"] = round(_software_rate(key, scheme, part))
+    software = result["cryptography_signs_per_s"]
+    result["speedup"] = round(result["batch_signs_per_s"] / software, 2) if software else None
+    return result
