@@ -93,6 +93,8 @@ class RouteMatch:
     headers: tuple[HeaderMatcher, ...] = ()
     query_parameters: tuple[QueryParameterMatcher, ...] = ()
     grpc_only: bool = False
+    # runtime_fraction: the route matches only this share of requests.
+    runtime_fraction: FractionalPercent | None = None
 
 
 # --------------------------------------------------------------------------- #
@@ -132,13 +134,59 @@ NO_MUTATION = HeaderMutation()
 
 
 @dataclass(frozen=True, slots=True)
+class FractionalPercent:
+    """type.v3.FractionalPercent: ``numerator`` out of ``denominator`` (100,
+    10000 or 1000000). Matches when a uniform draw in [0, denominator) is below
+    the numerator."""
+
+    numerator: int
+    denominator: int = 100
+
+    @property
+    def always(self) -> bool:
+        return self.numerator >= self.denominator
+
+    @property
+    def never(self) -> bool:
+        return self.numerator <= 0
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeFraction:
+    """core.v3.RuntimeFractionalPercent: ``default`` unless the bootstrap's
+    static runtime layer sets ``runtime_key`` (resolved at compile time)."""
+
+    default: FractionalPercent
+    runtime_key: str = ""
+
+
+# Envoy's retry back-off defaults.
+DEFAULT_RETRY_BASE_INTERVAL = 0.025
+# Bytes of request body kept for a retry or a mirror when the route sets no
+# per_request_buffer_limit_bytes: Envoy's default connection buffer limit.
+DEFAULT_REQUEST_BUFFER_LIMIT = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """config.route.v3.RetryPolicy (issue: traffic management fills this in)."""
+    """config.route.v3.RetryPolicy, compiled.
+
+    ``retry_on`` holds Envoy's condition names ("5xx", "gateway-error",
+    "reset", "connect-failure", "retriable-4xx", "refused-stream",
+    "retriable-status-codes", "retriable-headers").
+    """
 
     retry_on: frozenset[str] = frozenset()
     num_retries: int = 1
     per_try_timeout: float | None = None
     retriable_status_codes: frozenset[int] = frozenset()
+    # Matched against the upstream response's headers ("retriable-headers").
+    retriable_headers: tuple[HeaderMatcher, ...] = ()
+    back_off_base: float = DEFAULT_RETRY_BASE_INTERVAL
+    back_off_max: float = DEFAULT_RETRY_BASE_INTERVAL * 10
+    # envoy.retry_host_predicates.previous_hosts: avoid hosts already tried.
+    avoid_previous_hosts: bool = False
+    host_selection_retry_max_attempts: int = 1
 
 
 class HashPolicyKind(StrEnum):
@@ -160,6 +208,25 @@ class HashPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class WeightedCluster:
+    """One entry of route.v3.WeightedCluster.clusters."""
+
+    name: str
+    weight: int
+    request_headers: HeaderMutation = NO_MUTATION
+    response_headers: HeaderMutation = NO_MUTATION
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorPolicy:
+    """route.v3.RouteAction.RequestMirrorPolicy: copies of the request go to
+    ``cluster`` (host suffixed "-shadow"); None fraction: every request."""
+
+    cluster: str
+    fraction: FractionalPercent | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterAction:
     """route.v3.RouteAction with a single ``cluster``."""
 
@@ -173,6 +240,11 @@ class ClusterAction:
     retry_policy: RetryPolicy | None = None
     # Upgrades the route allows (e.g. "websocket"), lower-case.
     upgrades: frozenset[str] = frozenset()
+    # weighted_clusters: when set, ``cluster`` is "" and one of these is
+    # picked per request in proportion to its weight (sum: ``total_weight``).
+    weighted_clusters: tuple[WeightedCluster, ...] = ()
+    total_weight: int = 0
+    mirror_policies: tuple[MirrorPolicy, ...] = ()
     # Consistent-hash inputs for RING_HASH / MAGLEV clusters, in order.
     hash_policies: tuple[HashPolicy, ...] = ()
     # Circuit-breaker priority of the route's requests (RoutingPriority).
@@ -210,6 +282,10 @@ class Route:
     response_headers: HeaderMutation = NO_MUTATION
     # Index in its virtual host, for stats and first-match-wins ordering.
     index: int = 0
+    # typed_per_filter_config: HTTP filter name -> that filter's compiled override.
+    per_filter_config: dict[str, object] = field(default_factory=dict, compare=False)
+    # None: the virtual host's limit (or DEFAULT_REQUEST_BUFFER_LIMIT).
+    per_request_buffer_limit: int | None = None
 
 
 class DomainKind(StrEnum):
@@ -227,6 +303,12 @@ class VirtualHost:
     request_headers: HeaderMutation = NO_MUTATION
     response_headers: HeaderMutation = NO_MUTATION
     require_tls: Literal["NONE", "EXTERNAL_ONLY", "ALL"] = "NONE"
+    # Used by routes that have no retry_policy of their own.
+    retry_policy: RetryPolicy | None = None
+    include_request_attempt_count: bool = False
+    include_attempt_count_in_response: bool = False
+    per_filter_config: dict[str, object] = field(default_factory=dict, compare=False)
+    per_request_buffer_limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

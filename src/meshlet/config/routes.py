@@ -11,6 +11,7 @@ from envoy.config.route.v3 import route_pb2
 
 from meshlet.config import context
 from meshlet.config.datasource import read_data_source
+from meshlet.config.extensions import unpack_any
 from meshlet.config.fields import (
     allow_fields,
     check_enum,
@@ -29,6 +30,7 @@ from meshlet.config.model import (
     DirectResponseAction,
     HeaderMutation,
     HeaderValueOption,
+    MirrorPolicy,
     PathMatchKind,
     RedirectAction,
     Route,
@@ -36,9 +38,17 @@ from meshlet.config.model import (
     RouteConfiguration,
     RouteMatch,
     VirtualHost,
+    WeightedCluster,
 )
+from meshlet.config.retry import compile_retry_policy, compile_runtime_fraction
 from meshlet.errors import ConfigError, UnsupportedConfig
 from meshlet.proxy.routing.table import RouteTable
+from meshlet.registry import registry
+
+# Per-route overrides of HTTP filters (typed_per_filter_config): each filter
+# that accepts one registers a compiler ``factory(message, path) -> object``
+# under this category, keyed by the override message's type URL.
+HTTP_FILTER_PER_ROUTE = "http_filter_per_route"
 
 _MUTATION_FIELDS = (
     "request_headers_to_add",
@@ -53,10 +63,40 @@ allow_fields(
     "max_direct_response_body_size_bytes",
     *_MUTATION_FIELDS,
 )
-allow_fields(rc.VirtualHost, "name", "domains", "routes", "require_tls", *_MUTATION_FIELDS)
-allow_fields(rc.Route, "name", "match", "route", "redirect", "direct_response", *_MUTATION_FIELDS)
 allow_fields(
-    rc.RouteMatch, "prefix", "path", "safe_regex", "case_sensitive", "headers", "query_parameters", "grpc"
+    rc.VirtualHost,
+    "name",
+    "domains",
+    "routes",
+    "require_tls",
+    "retry_policy",
+    "include_request_attempt_count",
+    "include_attempt_count_in_response",
+    "typed_per_filter_config",
+    "per_request_buffer_limit_bytes",
+    *_MUTATION_FIELDS,
+)
+allow_fields(
+    rc.Route,
+    "name",
+    "match",
+    "route",
+    "redirect",
+    "direct_response",
+    "typed_per_filter_config",
+    "per_request_buffer_limit_bytes",
+    *_MUTATION_FIELDS,
+)
+allow_fields(
+    rc.RouteMatch,
+    "prefix",
+    "path",
+    "safe_regex",
+    "case_sensitive",
+    "headers",
+    "query_parameters",
+    "grpc",
+    "runtime_fraction",
 )
 allow_fields(rc.RouteMatch.GrpcRouteMatchOptions)
 allow_fields(
@@ -68,7 +108,13 @@ allow_fields(
     "timeout",
     "idle_timeout",
     "upgrade_configs",
+    "retry_policy",
+    "weighted_clusters",
+    "request_mirror_policies",
 )
+allow_fields(rc.WeightedCluster, "clusters", "total_weight", "runtime_key_prefix")
+allow_fields(rc.WeightedCluster.ClusterWeight, "name", "weight", *_MUTATION_FIELDS)
+allow_fields(rc.RouteAction.RequestMirrorPolicy, "cluster", "runtime_fraction")
 allow_fields(rc.RouteAction.UpgradeConfig, "upgrade_type", "enabled")
 allow_fields(
     rc.RedirectAction,
@@ -145,6 +191,11 @@ def compile_virtual_host(msg: Any, path: str, body_limit: int) -> VirtualHost:
     routes = tuple(
         compile_route(r, index(join(path, "routes"), i), i, body_limit) for i, r in enumerate(msg.routes)
     )
+    retry = (
+        compile_retry_policy(msg.retry_policy, join(path, "retry_policy"))
+        if msg.HasField("retry_policy")
+        else None
+    )
     return VirtualHost(
         name=msg.name,
         domains=domains,
@@ -152,6 +203,11 @@ def compile_virtual_host(msg: Any, path: str, body_limit: int) -> VirtualHost:
         request_headers=compile_mutation(msg, path, "request"),
         response_headers=compile_mutation(msg, path, "response"),
         require_tls=_require_tls(msg, path),
+        retry_policy=retry,
+        include_request_attempt_count=msg.include_request_attempt_count,
+        include_attempt_count_in_response=msg.include_attempt_count_in_response,
+        per_filter_config=compile_per_filter_config(msg, path),
+        per_request_buffer_limit=wrapped(msg, "per_request_buffer_limit_bytes", None),
     )
 
 
@@ -185,7 +241,21 @@ def compile_route(msg: Any, path: str, position: int, body_limit: int) -> Route:
         request_headers=compile_mutation(msg, path, "request"),
         response_headers=compile_mutation(msg, path, "response"),
         index=position,
+        per_filter_config=compile_per_filter_config(msg, path),
+        per_request_buffer_limit=wrapped(msg, "per_request_buffer_limit_bytes", None),
     )
+
+
+def compile_per_filter_config(msg: Any, path: str) -> dict[str, object]:
+    """``typed_per_filter_config``: filter name -> the filter's compiled override."""
+    compiled: dict[str, object] = {}
+    for name, any_config in msg.typed_per_filter_config.items():
+        item_path = f'{join(path, "typed_per_filter_config")}["{name}"]'
+        ext = registry.lookup(
+            HTTP_FILTER_PER_ROUTE, type_url=any_config.type_url, path=join(item_path, "@type")
+        )
+        compiled[name] = ext.factory(unpack_any(any_config, item_path), item_path)
+    return compiled
 
 
 def compile_route_match(msg: Any, path: str) -> RouteMatch:
@@ -201,6 +271,9 @@ def compile_route_match(msg: Any, path: str) -> RouteMatch:
         for i, q in enumerate(msg.query_parameters)
     )
     regex = compile_regex(msg.safe_regex, join(path, "safe_regex")) if kind == "safe_regex" else None
+    fraction = None
+    if msg.HasField("runtime_fraction"):
+        fraction = compile_runtime_fraction(msg.runtime_fraction, join(path, "runtime_fraction")).default
     return RouteMatch(
         path_kind=PathMatchKind(kind),
         path_value=msg.safe_regex.regex if kind == "safe_regex" else getattr(msg, kind),
@@ -209,6 +282,7 @@ def compile_route_match(msg: Any, path: str) -> RouteMatch:
         headers=headers,
         query_parameters=queries,
         grpc_only=msg.HasField("grpc"),
+        runtime_fraction=fraction,
     )
 
 
@@ -225,11 +299,20 @@ def _action(msg: Any, path: str, body_limit: int) -> RouteActionT:
 
 def compile_cluster_action(msg: Any, path: str) -> ClusterAction:
     check_fields(msg, path)
-    if not msg.cluster:
-        raise ConfigError(join(path, "cluster"), "is required")
-    known = context.current().clusters
-    if known is not None and msg.cluster not in known:
-        raise ConfigError(join(path, "cluster"), f"unknown cluster {msg.cluster!r}")
+    specifier = msg.WhichOneof("cluster_specifier")
+    weighted: tuple[WeightedCluster, ...] = ()
+    total = 0
+    if specifier == "weighted_clusters":
+        weighted, total = compile_weighted_clusters(msg.weighted_clusters, join(path, "weighted_clusters"))
+    elif not msg.cluster:
+        raise ConfigError(join(path, "cluster"), "is required (or weighted_clusters)")
+    else:
+        _check_cluster(msg.cluster, join(path, "cluster"))
+    retry = (
+        compile_retry_policy(msg.retry_policy, join(path, "retry_policy"))
+        if msg.HasField("retry_policy")
+        else None
+    )
     return ClusterAction(
         cluster=msg.cluster,
         prefix_rewrite=msg.prefix_rewrite or None,
@@ -237,8 +320,70 @@ def compile_cluster_action(msg: Any, path: str) -> ClusterAction:
         auto_host_rewrite=wrapped(msg, "auto_host_rewrite", False),
         timeout=duration_field(msg, "timeout", path, DEFAULT_ROUTE_TIMEOUT),
         idle_timeout=duration_field(msg, "idle_timeout", path, None),
+        retry_policy=retry,
         upgrades=_route_upgrades(msg, path),
+        weighted_clusters=weighted,
+        total_weight=total,
+        mirror_policies=_mirror_policies(msg, path),
     )
+
+
+def _check_cluster(name: str, path: str) -> None:
+    known = context.current().clusters
+    if known is not None and name not in known:
+        raise ConfigError(path, f"unknown cluster {name!r}")
+
+
+def compile_weighted_clusters(msg: Any, path: str) -> tuple[tuple[WeightedCluster, ...], int]:
+    """The clusters and the sum of their weights. ``total_weight`` (deprecated
+    in Envoy) is accepted when it equals that sum."""
+    check_fields(msg, path)
+    if msg.runtime_key_prefix:
+        raise UnsupportedConfig(
+            join(path, "runtime_key_prefix"), "runtime overrides of cluster weights are not supported"
+        )
+    if not msg.clusters:
+        raise ConfigError(join(path, "clusters"), "at least one cluster is required")
+    clusters = []
+    for i, entry in enumerate(msg.clusters):
+        entry_path = index(join(path, "clusters"), i)
+        check_fields(entry, entry_path)
+        if not entry.name:
+            raise ConfigError(join(entry_path, "name"), "is required")
+        _check_cluster(entry.name, join(entry_path, "name"))
+        clusters.append(
+            WeightedCluster(
+                name=entry.name,
+                weight=wrapped(entry, "weight", 0),
+                request_headers=compile_mutation(entry, entry_path, "request"),
+                response_headers=compile_mutation(entry, entry_path, "response"),
+            )
+        )
+    total = sum(c.weight for c in clusters)
+    if total <= 0:
+        raise ConfigError(join(path, "clusters"), "the sum of the cluster weights must be positive")
+    declared = wrapped(msg, "total_weight", None)
+    if declared is not None and declared != total:
+        raise ConfigError(
+            join(path, "total_weight"), f"is {declared} but the cluster weights add up to {total}"
+        )
+    return tuple(clusters), total
+
+
+def _mirror_policies(msg: Any, path: str) -> tuple[MirrorPolicy, ...]:
+    policies = []
+    for i, mirror in enumerate(msg.request_mirror_policies):
+        mirror_path = index(join(path, "request_mirror_policies"), i)
+        check_fields(mirror, mirror_path)
+        if not mirror.cluster:
+            raise ConfigError(join(mirror_path, "cluster"), "is required")
+        _check_cluster(mirror.cluster, join(mirror_path, "cluster"))
+        fraction = None
+        if mirror.HasField("runtime_fraction"):
+            runtime = compile_runtime_fraction(mirror.runtime_fraction, join(mirror_path, "runtime_fraction"))
+            fraction = runtime.default
+        policies.append(MirrorPolicy(cluster=mirror.cluster, fraction=fraction))
+    return tuple(policies)
 
 
 def _route_upgrades(msg: Any, path: str) -> frozenset[str]:
