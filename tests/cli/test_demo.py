@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,13 +57,13 @@ def test_demo_once_from_the_command_line() -> None:
 
 
 @pytest.mark.slow
-def test_interactive_demo_runs_until_ctrl_c_and_stops_everything() -> None:
-    """With a terminal on stdin the demo keeps serving; Ctrl-C (SIGINT) stops the
-    proxy and the app, and their ports are free again afterwards."""
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_interactive_demo_runs_until_ctrl_c_and_stops_everything(stop_signal: signal.Signals) -> None:
+    """With a terminal on stdin the demo keeps serving; Ctrl-C (SIGINT) or SIGTERM stops
+    the proxy and the app, and their ports are free again afterwards."""
     import pty
     import re
     import select
-    import signal
     import time
 
     primary, secondary = pty.openpty()
@@ -88,7 +89,7 @@ def test_interactive_demo_runs_until_ctrl_c_and_stops_everything() -> None:
         assert proc.poll() is None  # still serving
         with socket.create_connection(("127.0.0.1", proxy_port), timeout=5):
             pass
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop_signal)
         assert proc.wait(timeout=20) == 0
     finally:
         if proc.poll() is None:
