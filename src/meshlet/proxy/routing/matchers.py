@@ -8,11 +8,13 @@ not) except for a ``present_match`` matcher, unless
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from operator import methodcaller
 from urllib.parse import unquote
 
 from meshlet.config.model import (
+    FractionalPercent,
     HeaderMatcher,
     HeaderMatchKind,
     PathMatchKind,
@@ -127,11 +129,24 @@ def path_predicate(match: RouteMatch) -> Callable[[str], bool]:
     return lambda path: path[:size].lower() == folded
 
 
+def fraction_predicate(
+    fraction: FractionalPercent, draw: Callable[[int], int] = random.randrange
+) -> HeadPredicate:
+    """True for ``numerator`` of every ``denominator`` requests (runtime_fraction);
+    ``draw(n)`` gives a uniform integer in [0, n)."""
+    numerator, denominator = fraction.numerator, fraction.denominator
+    return lambda _head: draw(denominator) < numerator
+
+
 def extra_predicate(match: RouteMatch) -> ExtraPredicate | None:
-    """Header, gRPC and query checks of a route, or None when it has none (the common case)."""
+    """Header, gRPC, runtime-fraction and query checks of a route, or None when it
+    has none (the common case)."""
     on_head = [header_predicate(h) for h in match.headers]
     if match.grpc_only:
         on_head.append(is_grpc)
+    if match.runtime_fraction is not None and not match.runtime_fraction.always:
+        # Sampled last, so only requests that match otherwise use up the draw.
+        on_head.append(fraction_predicate(match.runtime_fraction))
     on_query = [query_predicate(q) for q in match.query_parameters]
     if not on_head and not on_query:
         return None
