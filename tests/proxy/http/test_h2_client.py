@@ -432,11 +432,16 @@ async def test_cancelled_request_resets_the_upstream_stream() -> None:
     reset_seen: asyncio.Queue[str] = asyncio.Queue()
 
     async def waits(stream: DownstreamStream) -> None:
+        # The server codec cancels a handler whose stream the client reset;
+        # a handler reading the body may see the StreamReset first.
         try:
             await stream.body.read_all(1 << 20)
             await asyncio.sleep(30)
         except StreamReset as exc:
             await reset_seen.put(exc.code)
+        except asyncio.CancelledError:
+            reset_seen.put_nowait("CANCEL" if stream.body.aborted else "cancelled without a reset")
+            raise
 
     async with meshlet_server(waits) as (port, _):
         conn = await connect(port)
@@ -619,3 +624,43 @@ async def test_assumes_at_most_100_streams_until_the_peer_settings_arrive() -> N
     conn.connection_lost(None)
     results = await asyncio.gather(*pending, return_exceptions=True)
     assert all(isinstance(r, StreamReset) and r.code == "CONNECTION_RESET" for r in results)
+
+
+# -- abandoning one response ----------------------------------------------------- #
+
+
+async def test_cancel_after_the_head_resets_only_that_stream() -> None:
+    """The router abandons a response whose head arrived (route timeout,
+    downstream reset): the upstream sees the stream reset and its handler is
+    cancelled, while the connection keeps serving other requests."""
+    handler_cancelled = asyncio.Event()
+
+    async def endless(stream: DownstreamStream) -> None:
+        if stream.head.path == "/quick":
+            await stream.send_head(ResponseHead(200, [("content-length", "2")]))
+            await stream.send_data(b"ok", end_stream=True)
+            return
+        await stream.send_head(ResponseHead(200, []))
+        try:
+            while True:
+                await stream.send_data(b"x" * 1024)
+                await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            handler_cancelled.set()
+            raise
+
+    async with meshlet_server(endless) as (port, _):
+        conn = await connect(port)
+        try:
+            response = await conn.request(get("/endless"), None)
+            assert response.head.status == 200
+            assert await response.body.read()
+            assert response.cancel is not None
+            response.cancel()
+            assert conn.active_requests == 0
+            await asyncio.wait_for(handler_cancelled.wait(), 5)
+            quick = await conn.request(get("/quick"), None)
+            assert await quick.body.read_all(1024) == b"ok"
+            assert not conn.closed
+        finally:
+            conn.close()

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
@@ -20,8 +21,9 @@ from hyperframe.frame import GoAwayFrame, PingFrame, RstStreamFrame, SettingsFra
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshlet.proxy.http.h2_client import H2ClientConnection
 from meshlet.proxy.http.h2_server import H2ServerProtocol
-from meshlet.proxy.http.stream import CodecSettings, DownstreamStream, ResponseHead, StreamReset
+from meshlet.proxy.http.stream import CodecSettings, DownstreamStream, RequestHead, ResponseHead, StreamReset
 from meshlet.proxy.transport import ConnectionInfo
 
 Handler = Callable[[DownstreamStream], Awaitable[None]]
@@ -313,18 +315,23 @@ def goaway_code(data: bytes) -> int | None:
     return None
 
 
-async def test_client_reset_aborts_body_and_later_sends_raise() -> None:
+async def test_client_reset_stops_the_handler() -> None:
+    """A client RST_STREAM aborts the request body and cancels the handler:
+    the handler sees the reset (StreamReset while reading) or its
+    cancellation, and never gets to send a response."""
+    running = threading.Event()
     seen: asyncio.Queue[BaseException] = asyncio.Queue()
+    sent: list[int] = []
 
     async def waits_for_body(stream: DownstreamStream) -> None:
+        running.set()
         try:
             await stream.body.read_all(1 << 20)
-        except StreamReset as exc:
-            await seen.put(exc)
-        try:
             await stream.send_head(ResponseHead(200))
-        except StreamReset as exc:
-            await seen.put(exc)
+            sent.append(200)
+        except (StreamReset, asyncio.CancelledError) as exc:
+            seen.put_nowait(exc)
+            raise
 
     async with serve(waits_for_body) as srv:
 
@@ -332,20 +339,22 @@ async def test_client_reset_aborts_body_and_later_sends_raise() -> None:
             c = RawClient(srv.port)
             c.request(1, end=False)
             c.send()
+            assert running.wait(5), "the handler never started"
             c.conn.reset_stream(1, 0x8)  # CANCEL
             c.send()
             return c
 
-        # The socket stays open until the handler saw both errors, so the
+        # The socket stays open until the handler saw the reset, so the
         # connection's loss cannot overtake the RST_STREAM.
         c = await asyncio.to_thread(client)
         try:
-            first = await asyncio.wait_for(seen.get(), 5)
-            second = await asyncio.wait_for(seen.get(), 5)
+            stopped = await asyncio.wait_for(seen.get(), 5)
         finally:
             c.close()
-    assert isinstance(first, StreamReset) and first.code == "CANCEL"
-    assert isinstance(second, StreamReset) and second.code == "CANCEL"
+    assert isinstance(stopped, asyncio.CancelledError) or (
+        isinstance(stopped, StreamReset) and stopped.code == "CANCEL"
+    )
+    assert sent == []
 
 
 async def test_streams_beyond_max_concurrent_are_refused() -> None:
@@ -708,3 +717,42 @@ async def test_ping_flood_from_a_peer_that_does_not_read_is_cut_off() -> None:
             break
     assert transport.closed
     proto.connection_lost(None)
+
+
+async def test_client_reset_cancels_the_handler_task_at_once() -> None:
+    """A client RST_STREAM cancels the stream's handler even while it waits on
+    something other than the stream (an upstream), so the upstream request is
+    abandoned immediately, not at the handler's next send."""
+
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def waits_on_upstream(stream: DownstreamStream) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)  # stands for a slow upstream
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    loop = asyncio.get_running_loop()
+    info = ConnectionInfo(peer=("127.0.0.1", 0), local=("127.0.0.1", 0))
+    server = await loop.create_server(
+        lambda: H2ServerProtocol(waits_on_upstream, info, CodecSettings()), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    client = H2ClientConnection()
+    try:
+        await loop.create_connection(lambda: client, "127.0.0.1", port)
+        await client.wait_connected(5)
+        head = RequestHead("GET", "http", "test", "/slow", [], "2")
+        request = asyncio.ensure_future(client.request(head, None))
+        await asyncio.wait_for(started.wait(), 5)
+        request.cancel()  # the client codec sends RST_STREAM(CANCEL)
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+        await asyncio.wait_for(cancelled.wait(), 5)
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()

@@ -197,7 +197,17 @@ class H2ClientConnection(H2Endpoint):
             self._stop_sender(exchange)
             self._forget(exchange)
             raise
-        return UpstreamResponse(response, state.body)
+        return UpstreamResponse(response, state.body, cancel=lambda: self._abandon(exchange))
+
+    def _abandon(self, exchange: _Exchange) -> None:
+        """The router gave up on a response after its head arrived (timeout,
+        downstream reset): reset just this stream, the connection lives on."""
+        state = exchange.state
+        if self._exchanges.get(state.stream_id) is not exchange:
+            return
+        self.reset_stream(state, StreamReset("CANCEL", "response abandoned by the proxy", local=True))
+        self._stop_sender(exchange)
+        self._forget(exchange)
 
     def close(self) -> None:
         if self._transport is not None and not self._closed and not self._closing:

@@ -76,6 +76,7 @@ class H2ServerStream:
         "info",
         "opened_at",
         "request_ended",
+        "task",
     )
 
     def __init__(
@@ -90,6 +91,9 @@ class H2ServerStream:
         self._head_sent = False
         self._ended = False
         self.request_ended = False
+        # The handler's task: a client RST_STREAM cancels it, which abandons
+        # the upstream request at once instead of at the handler's next send.
+        self.task: asyncio.Task[None] | None = None
 
     @property
     def stream_id(self) -> int:
@@ -351,6 +355,8 @@ class H2ServerProtocol(H2Endpoint):
         stream._state.fail(StreamReset(code, "stream reset by the client", local=not event.remote_reset))
         stream._state.release()
         self.wake_window(event.stream_id)
+        if stream.task is not None and not stream.task.done():
+            stream.task.cancel()
 
     def _on_goaway(self, event: ConnectionTerminated) -> None:
         if event.error_code != ErrorCodes.NO_ERROR:
@@ -384,6 +390,7 @@ class H2ServerProtocol(H2Endpoint):
         self._cancel_idle_timer()
         assert self._loop is not None
         task = self._loop.create_task(self._run(stream))
+        stream.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
