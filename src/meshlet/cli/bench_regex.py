@@ -1,0 +1,42 @@
+"""``meshlet bench regex``: route selection and proxy throughput for each regex engine."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import click
+
+from meshlet.cli.bench import emit, progress
+from meshlet.cli.errors import EXIT_RUNTIME, CliError
+
+ENGINES = ("re", "re2", "hyperscan")
+COLUMNS = ("engine", "routes", "match_ns", "match_ns_early", "match_ns_late", "match_ns_none",
+           "proxy_rps", "speedup_vs_re", "compile_s")
+
+
+@click.command("regex")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object {\"rows\": [...]} on stdout.")
+@click.option("--quick", is_flag=True, help="A short smoke run (10 and 100 routes, 1 s of load each).")
+@click.option("--engine", "engines", multiple=True, type=click.Choice(ENGINES),
+              help="Only these engines (repeatable); default: all.")
+@click.option("--routes", "route_counts", multiple=True, type=click.IntRange(min=1, max=100_000),
+              help="Regex route counts (repeatable) [10, 100, 1000].")
+@click.option("--duration", type=click.FloatRange(min=1), help="wrk phase length per row, seconds [5].")
+@click.option("--connections", type=click.IntRange(min=1, max=10000), help="wrk connections [16].")
+def regex_bench(as_json: bool, quick: bool, engines: tuple[str, ...], route_counts: tuple[int, ...],
+                duration: float | None, connections: int | None) -> None:
+    """Regex route matching: in-process selection time and proxy req/s per engine."""
+    from meshlet.bench.regex import QUICK, RegexBenchOptions, run_regex_bench
+
+    opts = QUICK if quick else RegexBenchOptions()
+    overrides: dict[str, Any] = {
+        "engines": engines or None, "route_counts": route_counts or None,
+        "rps_duration_s": duration, "connections": connections,
+    }
+    opts = replace(opts, **{k: v for k, v in overrides.items() if v is not None})
+    result = run_regex_bench(opts, progress)
+    emit(result, as_json, COLUMNS)
+    failed = [f"{row['engine']}/{row['routes']}" for row in result["rows"] if "error" in row]
+    if failed:
+        raise CliError(f"benchmark failed for: {', '.join(failed)}", EXIT_RUNTIME)
