@@ -16,7 +16,10 @@ import click
 from meshlet.cli.errors import EXIT_RUNTIME, CliError
 from meshlet.cli.lazy import LazyCommand, LazyGroup
 
-EXPERIMENTS: dict[str, LazyCommand] = {}
+EXPERIMENTS: dict[str, LazyCommand] = {
+    "regex": LazyCommand("meshlet.cli.bench_regex:regex_bench",
+                         "Regex route matching per engine: selection ns and proxy req/s."),
+}
 
 
 @click.group(cls=LazyGroup, lazy_commands=EXPERIMENTS)
