@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import os
 import signal
 import socket
@@ -17,13 +18,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509.oid import NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tls"))
 
-from tls_helpers import Echo, Leaf, MiniPki, meshlet_serve
+from tls_helpers import SPIFFE_SERVER, Echo, Leaf, MiniPki, meshlet_serve
 
 from meshlet.config.model import (
     CertificateValidation,
@@ -31,7 +34,6 @@ from meshlet.config.model import (
     TlsCertificate,
     TlsContext,
 )
-from meshlet.tls.aio import MeshletTlsSocketFactory
 from meshlet.tls.crypto import SignatureScheme
 
 __all__ = ["Echo", "Leaf", "MiniPki", "meshlet_serve"]
@@ -64,19 +66,43 @@ def verify_tls_signature(
         raise AssertionError(f"unexpected key {public_key!r}")
 
 
+def issue_for(pki: MiniPki, name: str, public_key: CertificatePublicKeyTypes) -> Path:
+    """A leaf certificate (PEM file) from the test CA for a key held elsewhere."""
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(pki.ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.UniformResourceIdentifier(SPIFFE_SERVER)]
+            ),
+            critical=False,
+        )
+        .sign(pki.ca_key, hashes.SHA256())
+    )
+    path = pki.directory / f"{name}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
 def server_context(
     pki: MiniPki,
-    leaf: Leaf,
+    cert_file: Path,
     provider: PrivateKeyProviderConfig | None,
     *,
-    with_key: bool = False,
+    key_file: Path | None = None,
     mtls: bool = True,
 ) -> TlsContext:
-    cert = TlsCertificate(
-        leaf.cert_file.read_bytes(),
-        leaf.key_file.read_bytes() if with_key else None,
-        provider,
-    )
+    cert = TlsCertificate(cert_file.read_bytes(), key_file.read_bytes() if key_file else None, provider)
     return TlsContext(
         server_side=True,
         certificates=(cert,),
@@ -111,12 +137,6 @@ def stdlib_exchange(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping\n") 
             received += chunk
         assert tls.version() == "TLSv1.3"
         return received
-
-
-async def serve_with(context: TlsContext) -> tuple[MeshletTlsSocketFactory, object]:
-    factory = MeshletTlsSocketFactory.from_context(context)
-    server = await meshlet_serve(factory, lambda info: Echo(info))
-    return factory, server
 
 
 # --------------------------------------------------------------------------- #

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from keys_helpers import (
+    Echo,
     MiniPki,
     client_ssl_context,
-    serve_with,
+    meshlet_serve,
     server_context,
     stdlib_exchange,
     verify_tls_signature,
@@ -23,6 +24,7 @@ from meshlet.errors import ConfigError
 from meshlet.keys.local import LocalKeyProvider, SigningKey
 from meshlet.keys.offload import OffloadKeyProvider
 from meshlet.registry import registry
+from meshlet.tls.aio import MeshletTlsSocketFactory
 from meshlet.tls.crypto import schemes_for_key
 
 KEYS: dict[str, SigningKey] = {
@@ -136,15 +138,13 @@ async def test_mtls_handshake_with_stdlib_client(
     pki = MiniPki.create(tmp_path)
     leaf = pki.issue("server", kind)
     client = pki.issue("client", "ecdsa")
-    factory, server = await serve_with(
-        server_context(pki, leaf, _provider_config(name, leaf.key_file, **extra))
-    )
+    context = server_context(pki, leaf.cert_file, _provider_config(name, leaf.key_file, **extra))
+    factory = MeshletTlsSocketFactory.from_context(context)
+    server = await meshlet_serve(factory, Echo)
     try:
-        echoed = await asyncio.to_thread(stdlib_exchange, server.port, client_ssl_context(pki, client))  # type: ignore[attr-defined]
+        echoed = await asyncio.to_thread(stdlib_exchange, server.port, client_ssl_context(pki, client))
         assert echoed == b"ping\n"
-        key = factory.config.key
-        assert key is not None
-        assert key.stats()["ops"] == 1  # type: ignore[attr-defined]
+        assert factory.config.key.stats()["ops"] == 1  # type: ignore[union-attr]
     finally:
-        server.server.close()  # type: ignore[attr-defined]
+        server.server.close()
         factory.config.key.close()  # type: ignore[union-attr]
