@@ -441,6 +441,23 @@ async def test_unsolicited_bytes_on_an_idle_connection_close_it() -> None:
         assert conn.closed and not conn.available
 
 
+async def test_invalid_requests_are_refused_unsent(stdlib_server: tuple[int, list[int]]) -> None:
+    conn = await connect(stdlib_server[0])
+    try:
+        for head in (
+            get("/", "POST", [("content-length", "5")]),  # a length but no body
+            get("/", "POST", [("content-length", "five")]),
+            get("/", "GET", [("x-bad", "a\r\nx-injected: 1")]),
+        ):
+            with pytest.raises(StreamReset) as info:
+                await conn.request(head, None)
+            assert info.value.code == "INTERNAL_ERROR" and info.value.local
+            assert conn.available
+        assert await request(conn, get("/fine")) == (200, b"hello /fine host=upstream.test")
+    finally:
+        conn.close()
+
+
 async def test_busy_connection_refuses_a_second_request() -> None:
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)

@@ -318,6 +318,24 @@ async def test_content_length_mismatch_closes_the_connection() -> None:
         writer.close()
 
 
+async def test_declared_length_without_body_closes_the_connection() -> None:
+    errors: list[StreamReset] = []
+
+    async def liar(stream: DownstreamStream) -> None:
+        try:
+            await stream.send_head(ResponseHead(200, [("content-length", "5")]), end_stream=True)
+        except StreamReset as exc:
+            errors.append(exc)
+
+    async with serve(liar) as srv:
+        reader, writer = await srv.connect()
+        writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+        data = await read_to_eof(reader)
+        assert data.startswith(b"HTTP/1.1 200 OK") and data.count(b"HTTP/1.1") == 1
+        assert errors and errors[0].local
+        writer.close()
+
+
 async def test_head_request_gets_no_body() -> None:
     async def sized(stream: DownstreamStream) -> None:
         await stream.send_head(ResponseHead(200, [("content-length", "10")]))

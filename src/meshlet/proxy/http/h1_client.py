@@ -492,6 +492,8 @@ def _encode_request(head: RequestHead, body: BodyStream | None) -> tuple[bytes, 
         if not content_length.isdigit():
             raise ValueError(f"invalid content-length {content_length!r}")
         length = int(content_length)
+        if length and body is None:
+            raise ValueError(f"content-length {length} declared without a body")
         framing = _LENGTH if length else _NO_BODY
     elif body is None or (body.ended and not body.buffered and not body.trailers):
         if head.method in _LENGTH_REQUIRED:

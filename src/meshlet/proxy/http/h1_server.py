@@ -140,6 +140,8 @@ class H1ServerStream:
         self._head_sent = True
         if end_stream:
             conn.write(data)
+            if self._framing == _LENGTH and self._remaining:
+                self._truncated("response ended before the content-length it declared")
             self._finish()
             return
         # Held until the first body bytes (or the end of this loop iteration)
