@@ -453,6 +453,12 @@ async def test_invalid_requests_are_refused_unsent(stdlib_server: tuple[int, lis
                 await conn.request(head, None)
             assert info.value.code == "INTERNAL_ERROR" and info.value.local
             assert conn.available
+        aborted = BodyStream()
+        aborted.feed(b"partial")
+        aborted.abort(StreamReset("CONNECTION_RESET"))
+        with pytest.raises(StreamReset) as info:
+            await conn.request(get("/", "POST"), aborted)  # never sent as if complete
+        assert info.value.code == "CANCEL" and conn.available
         assert await request(conn, get("/fine")) == (200, b"hello /fine host=upstream.test")
     finally:
         conn.close()

@@ -139,6 +139,8 @@ class H1ClientConnection(asyncio.Protocol):
             raise StreamReset(
                 "REFUSED_STREAM", "CONNECT to an HTTP/1.1 upstream is not supported", local=True
             )
+        if body is not None and body.aborted:
+            raise StreamReset("CANCEL", "request body aborted before the request was sent", local=True)
         assert self._transport is not None and self._loop is not None
         try:
             data, framing, length = _encode_request(head, body)
