@@ -114,6 +114,7 @@ def test_quick_bench_prints_one_json_object_with_every_row() -> None:
             assert isinstance(row[key], float) and row[key] > 0, (key, row)
         assert row["proxy_errors"] == 0, row
         speedup = row["speedup_vs_re"]
-        assert set(speedup) == {"match", "proxy_rps"}
+        assert set(speedup) == {"match", "proxy_rps", "proxy_cpu"}
+        assert row["proxy_cpu_us_per_request"] > 0 and len(row["proxy_rps_rounds"]) == QUICK.rps_rounds
         if row["engine"] == "re":
-            assert speedup == {"match": 1.0, "proxy_rps": 1.0}
+            assert speedup == {"match": 1.0, "proxy_rps": 1.0, "proxy_cpu": 1.0}

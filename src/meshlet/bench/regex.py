@@ -14,9 +14,12 @@ For each (engine, routes) row:
   process over batches of calls on every path of the mix (also per group);
 * ``proxy_rps``: saturation throughput of a real ``meshlet proxy`` process with
   that table (pinned to one core), driven by ``wrk`` cycling through the same
-  paths;
-* ``speedup_vs_re``: both figures relative to the stdlib ``re`` row of the same
-  route count.
+  paths: the median over rounds that alternate the engines, so that load from
+  the rest of the machine falls on every engine alike; beside it the proxy's
+  CPU time per request (``proxy_cpu_us_per_request``, from /proc), which such
+  load disturbs less;
+* ``speedup_vs_re``: these figures relative to the stdlib ``re`` row of the
+  same route count.
 
 Everything started here is stopped here, and every phase is bounded in time.
 """
@@ -31,13 +34,14 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import meshlet
 from meshlet.bench.apps import start_upstream
 from meshlet.bench.configs import dump, single_route_proxy
-from meshlet.bench.procs import LOOPBACK, Child, ChildError, free_port
+from meshlet.bench.procs import LOOPBACK, Child, ChildError, cpu_seconds, free_port
 from meshlet.bench.proxy import CpuPlan, ProxyUnderTest, plan_cpus, wait_proxy_ready
 from meshlet.bench.wrk import WrkResult, parse_wrk, wrk_argv
 from meshlet.config.context import CompileContext, compiling
@@ -64,7 +68,8 @@ class RegexBenchOptions:
     paths_per_group: int = 32
     calls_per_batch: int = 20
     batches_per_path: int = 15
-    rps_duration_s: float = 5.0
+    rps_rounds: int = 3
+    rps_duration_s: float = 3.0  # per round and engine
     warmup_s: float = 1.0
     connections: int = 16
     seed: int = 1
@@ -72,7 +77,7 @@ class RegexBenchOptions:
 
 # A smoke run (tens of seconds): shapes and sanity, not figures to quote.
 QUICK = RegexBenchOptions(route_counts=(10, 100), paths_per_group=6, calls_per_batch=5, batches_per_path=3,
-                          rps_duration_s=1.0, warmup_s=0.0, connections=4)
+                          rps_rounds=1, rps_duration_s=1.0, warmup_s=0.0, connections=4)
 
 
 # --------------------------------------------------------------------------- #
@@ -226,23 +231,111 @@ def start_proxy(workdir: Path, count: int, engine: str, upstream_port: int, cpus
     return ProxyUnderTest(engine, child, port, meshlet.__version__)
 
 
-def measure_proxy(workdir: Path, count: int, engine: str, mix: PathMix, upstream_port: int, plan: CpuPlan,
-                  opts: RegexBenchOptions, progress: Progress) -> WrkResult:
-    target = start_proxy(workdir, count, engine, upstream_port, plan.proxy)
+@dataclass(slots=True)
+class ProxyFigures:
+    """One engine's proxy over the rounds of a route count."""
+
+    rps: list[float] = field(default_factory=list)
+    p50_ms: list[float] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+    requests: int = 0
+    errors: int = 0
+    cpu_s: float = 0.0
+
+    def add(self, wrk: WrkResult, cpu_s: float) -> None:
+        self.rps.append(wrk.rps)
+        self.p50_ms.append(wrk.latency_ms.get(50, 0.0))
+        self.p99_ms.append(wrk.latency_ms.get(99, 0.0))
+        self.requests += wrk.requests
+        self.errors += wrk.socket_errors + wrk.non_2xx
+        self.cpu_s += cpu_s
+
+    def as_values(self) -> dict[str, Any]:
+        return {
+            "proxy_rps": round(statistics.median(self.rps), 1),
+            "proxy_rps_rounds": [round(r, 1) for r in self.rps],
+            "proxy_cpu_us_per_request": round(self.cpu_s / max(self.requests, 1) * 1e6, 1),
+            "proxy_p50_ms": round(statistics.median(self.p50_ms), 3),
+            "proxy_p99_ms": round(statistics.median(self.p99_ms), 3),
+            "proxy_requests": self.requests,
+            "proxy_errors": self.errors,
+        }
+
+
+class ProxySet:
+    """One proxy per engine for a route count, all started at once (their tables
+    compile side by side) and loaded one at a time."""
+
+    def __init__(self, workdir: Path, count: int, upstream_port: int, plan: CpuPlan) -> None:
+        self.workdir = workdir
+        self.count = count
+        self.upstream_port = upstream_port
+        self.plan = plan
+        self.running: dict[str, ProxyUnderTest] = {}
+        self.failed: dict[str, str] = {}
+
+    def start(self, engines: Sequence[str]) -> None:
+        for engine in engines:
+            self.running[engine] = start_proxy(self.workdir, self.count, engine, self.upstream_port,
+                                               self.plan.proxy)
+        for engine, target in list(self.running.items()):
+            self._guarded(engine, partial(wait_proxy_ready, target, READY_TIMEOUT))
+
+    def load(self, engine: str, url_path_script: Path, duration: float, connections: int,
+             figures: ProxyFigures | None) -> None:
+        target = self.running.get(engine)
+        if target is None:
+            return
+
+        def run() -> None:
+            url = f"http://{LOOPBACK}:{target.port}/"
+            before = cpu_seconds(target.child.pid)
+            wrk = run_wrk_paths(url, url_path_script, connections=connections, duration=duration,
+                                cpus=self.plan.load)
+            spent = cpu_seconds(target.child.pid) - before
+            target.child.check_alive()
+            if figures is not None:
+                figures.add(wrk, spent)
+
+        self._guarded(engine, run)
+
+    def stop(self) -> None:
+        for target in self.running.values():
+            target.child.stop()
+        self.running.clear()
+
+    def _guarded(self, engine: str, step: Callable[[], None]) -> None:
+        """Run ``step``; a failure takes only this engine's proxy out of the count."""
+        try:
+            step()
+        except ChildError as exc:
+            self.failed[engine] = str(exc)
+            self.running.pop(engine).child.stop()
+
+
+def measure_proxies(workdir: Path, count: int, engines: Sequence[str], mix: PathMix, upstream_port: int,
+                    plan: CpuPlan, opts: RegexBenchOptions,
+                    progress: Progress) -> dict[str, ProxyFigures | str]:
+    """Figures per engine (or why there are none). Rounds alternate engines so that
+    noise from the rest of the machine falls on all of them alike."""
+    script = workdir / f"paths-{count}.lua"
+    script.write_text(wrk_script(mix.interleaved))
+    proxies = ProxySet(workdir, count, upstream_port, plan)
+    figures = {engine: ProxyFigures() for engine in engines}
     try:
-        wait_proxy_ready(target, READY_TIMEOUT)
-        script = workdir / f"paths-{count}.lua"
-        script.write_text(wrk_script(mix.interleaved))
-        url = f"http://{LOOPBACK}:{target.port}/"
-        if opts.warmup_s > 0:
-            run_wrk_paths(url, script, connections=opts.connections, duration=opts.warmup_s, cpus=plan.load)
-        progress(f"{engine}, {count} routes: wrk -t1 -c{opts.connections} -d{opts.rps_duration_s:g}s")
-        result = run_wrk_paths(url, script, connections=opts.connections, duration=opts.rps_duration_s,
-                               cpus=plan.load)
-        target.child.check_alive()
-        return result
+        progress(f"{count} routes: starting a proxy per engine ({', '.join(engines)})")
+        proxies.start(engines)
+        for engine in engines:
+            if opts.warmup_s > 0:
+                proxies.load(engine, script, opts.warmup_s, opts.connections, None)
+        for round_number in range(1, opts.rps_rounds + 1):
+            progress(f"{count} routes: round {round_number}/{opts.rps_rounds}, "
+                     f"wrk -t1 -c{opts.connections} -d{opts.rps_duration_s:g}s per engine")
+            for engine in engines:
+                proxies.load(engine, script, opts.rps_duration_s, opts.connections, figures[engine])
     finally:
-        target.child.stop()
+        proxies.stop()
+    return {engine: proxies.failed.get(engine, figures[engine]) for engine in engines}
 
 
 # --------------------------------------------------------------------------- #
@@ -260,13 +353,16 @@ class Row:
         return {"engine": self.engine, "routes": self.routes, **self.values}
 
 
-def bench_row(workdir: Path, engine: str, count: int, upstream_port: int, plan: CpuPlan,
-              opts: RegexBenchOptions, progress: Progress) -> Row:
+def matching_row(engine: str, count: int, mix: PathMix, opts: RegexBenchOptions, progress: Progress) -> Row:
     row = Row(engine, count)
-    mix = path_mix(count, opts.paths_per_group, random.Random(opts.seed * 7919 + count))
-    started = time.perf_counter()
-    table = build_table(count, engine)
-    compile_s = time.perf_counter() - started
+    try:
+        started = time.perf_counter()
+        table = build_table(count, engine)
+        compile_s = time.perf_counter() - started
+    except ConfigError as exc:  # e.g. the engine's library is not installed
+        progress(f"{engine}, {count} routes: failed: {exc}")
+        row.values["error"] = str(exc)
+        return row
     check_selection(table, mix, count)
     medians = measure_matching(table, mix, opts)
     row.values.update({
@@ -276,29 +372,32 @@ def bench_row(workdir: Path, engine: str, count: int, upstream_port: int, plan: 
     })
     progress(f"{engine}, {count} routes: {medians['all']:.0f} ns per selection "
              f"(table compiled in {compile_s:.2f} s)")
-    try:
-        wrk = measure_proxy(workdir, count, engine, mix, upstream_port, plan, opts, progress)
-    except ChildError as exc:
-        # The in-process figures stand; the row says why the end-to-end one is missing.
-        progress(f"{engine}, {count} routes: proxy failed: {exc}")
-        row.values["error"] = str(exc)
-        return row
-    row.values.update({
-        "proxy_rps": round(wrk.rps, 1),
-        "proxy_requests": wrk.requests,
-        "proxy_errors": wrk.socket_errors + wrk.non_2xx,
-        "proxy_p50_ms": round(wrk.latency_ms.get(50, 0.0), 3),
-        "proxy_p99_ms": round(wrk.latency_ms.get(99, 0.0), 3),
-        "connections": opts.connections,
-        "duration_s": opts.rps_duration_s,
-        "shared_core": plan.shared,
-    })
-    progress(f"{engine}, {count} routes: {wrk.rps:.0f} req/s through the proxy")
     return row
 
 
+def rows_for(count: int, workdir: Path, upstream_port: int, plan: CpuPlan, opts: RegexBenchOptions,
+             progress: Progress) -> list[Row]:
+    mix = path_mix(count, opts.paths_per_group, random.Random(opts.seed * 7919 + count))
+    rows = [matching_row(engine, count, mix, opts, progress) for engine in opts.engines]
+    ready = [row.engine for row in rows if "error" not in row.values]
+    measured = measure_proxies(workdir, count, ready, mix, upstream_port, plan, opts, progress)
+    for row in rows:
+        found = measured.get(row.engine)
+        if isinstance(found, str):
+            progress(f"{row.engine}, {count} routes: proxy failed: {found}")
+            row.values["error"] = found  # the in-process figures stand
+        elif found is not None:
+            row.values.update(found.as_values())
+            row.values.update({"connections": opts.connections, "duration_s": opts.rps_duration_s,
+                               "shared_core": plan.shared})
+            progress(f"{row.engine}, {count} routes: {row.values['proxy_rps']:.0f} req/s through the proxy, "
+                     f"{row.values['proxy_cpu_us_per_request']:.0f} us CPU per request")
+    return rows
+
+
 def add_speedups(rows: list[Row]) -> None:
-    """``speedup_vs_re``: how many times faster than stdlib ``re`` at the same route count."""
+    """``speedup_vs_re``: how many times better than stdlib ``re`` at the same route count
+    (selection time, proxy throughput, proxy CPU per request)."""
     baseline = {row.routes: row.values for row in rows if row.engine == "re"}
     for row in rows:
         base = baseline.get(row.routes, {})
@@ -307,6 +406,9 @@ def add_speedups(rows: list[Row]) -> None:
             speedup["match"] = round(base["match_ns"] / row.values["match_ns"], 2)
         if base.get("proxy_rps") and row.values.get("proxy_rps"):
             speedup["proxy_rps"] = round(row.values["proxy_rps"] / base["proxy_rps"], 3)
+        if base.get("proxy_cpu_us_per_request") and row.values.get("proxy_cpu_us_per_request"):
+            cpu_ratio = base["proxy_cpu_us_per_request"] / row.values["proxy_cpu_us_per_request"]
+            speedup["proxy_cpu"] = round(cpu_ratio, 3)
         if speedup:
             row.values["speedup_vs_re"] = speedup
 
@@ -324,14 +426,8 @@ def run_regex_bench(opts: RegexBenchOptions, progress: Progress) -> dict[str, An
         upstream, upstream_port = start_upstream(cpus=plan.load)
         try:
             for count in opts.route_counts:
-                for engine in opts.engines:
-                    try:
-                        rows.append(bench_row(workdir, engine, count, upstream_port, plan, opts, progress))
-                    except ConfigError as exc:  # e.g. the engine's library is not installed
-                        progress(f"{engine}, {count} routes: failed: {exc}")
-                        rows.append(Row(engine, count, {"error": str(exc)}))
+                rows.extend(rows_for(count, workdir, upstream_port, plan, opts, progress))
         finally:
             upstream.stop()
     add_speedups(rows)
     return {"rows": [row.as_dict() for row in rows]}
-

@@ -12,7 +12,7 @@ from meshlet.cli.errors import EXIT_RUNTIME, CliError
 
 ENGINES = ("re", "re2", "hyperscan")
 COLUMNS = ("engine", "routes", "match_ns", "match_ns_early", "match_ns_late", "match_ns_none",
-           "proxy_rps", "speedup_vs_re", "compile_s")
+           "proxy_rps", "proxy_cpu_us_per_request", "speedup_vs_re", "compile_s")
 
 
 @click.command("regex")
@@ -22,17 +22,19 @@ COLUMNS = ("engine", "routes", "match_ns", "match_ns_early", "match_ns_late", "m
               help="Only these engines (repeatable); default: all.")
 @click.option("--routes", "route_counts", multiple=True, type=click.IntRange(min=1, max=100_000),
               help="Regex route counts (repeatable) [10, 100, 1000].")
-@click.option("--duration", type=click.FloatRange(min=1), help="wrk phase length per row, seconds [5].")
+@click.option("--duration", type=click.FloatRange(min=1),
+              help="wrk phase length per round and engine, seconds [3].")
+@click.option("--rounds", type=click.IntRange(min=1, max=100), help="wrk rounds, alternating engines [3].")
 @click.option("--connections", type=click.IntRange(min=1, max=10000), help="wrk connections [16].")
 def regex_bench(as_json: bool, quick: bool, engines: tuple[str, ...], route_counts: tuple[int, ...],
-                duration: float | None, connections: int | None) -> None:
+                duration: float | None, rounds: int | None, connections: int | None) -> None:
     """Regex route matching: in-process selection time and proxy req/s per engine."""
     from meshlet.bench.regex import QUICK, RegexBenchOptions, run_regex_bench
 
     opts = QUICK if quick else RegexBenchOptions()
     overrides: dict[str, Any] = {
         "engines": engines or None, "route_counts": route_counts or None,
-        "rps_duration_s": duration, "connections": connections,
+        "rps_duration_s": duration, "rps_rounds": rounds, "connections": connections,
     }
     opts = replace(opts, **{k: v for k, v in overrides.items() if v is not None})
     result = run_regex_bench(opts, progress)
