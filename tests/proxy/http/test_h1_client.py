@@ -406,6 +406,7 @@ async def test_head_response_with_length_then_next_response() -> None:
         b"NOT HTTP\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n",
     ],
 )
 async def test_malformed_response_is_a_protocol_error(reply: bytes) -> None:

@@ -600,6 +600,16 @@ async def test_oversized_head_gets_431(split: bool) -> None:
         writer.close()
 
 
+async def test_too_many_header_fields_get_431() -> None:
+    async with serve(echo) as srv:
+        reader, writer = await srv.connect()
+        fields = b"".join(b"X-%d: v\r\n" % i for i in range(101))
+        writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n" + fields + b"\r\n")
+        data = await read_to_eof(reader)
+        assert data.startswith(b"HTTP/1.1 431 ") and b"too many request header fields" in data
+        writer.close()
+
+
 async def test_slow_head_gets_408() -> None:
     async with serve(echo, request_headers_timeout=0.3) as srv:
         reader, writer = await srv.connect()

@@ -24,6 +24,7 @@ from meshlet.proxy.http.h1_common import (
     CRLF,
     DEFAULT_MAX_HEAD_BYTES,
     HOP_BY_HOP,
+    MAX_HEADERS_COUNT,
     HeadTooLarge,
     build_response_head,
     chunk_prefix,
@@ -96,6 +97,7 @@ class H1ClientConnection(asyncio.Protocol):
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._head_size = 0
+        self._fields = 0
         self._raw_head_bytes = 0
 
     # -- UpstreamConnection ------------------------------------------------- #
@@ -311,7 +313,7 @@ class H1ClientConnection(asyncio.Protocol):
         except Exception as exc:  # whatever the upstream sent, data_received must not raise
             cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
             if isinstance(cause, HeadTooLarge):
-                self._protocol_error("response headers too large")
+                self._protocol_error(str(cause) or "response headers too large")
             else:
                 self._protocol_error(f"malformed response: {cause or exc}")
             return
@@ -351,6 +353,7 @@ class H1ClientConnection(asyncio.Protocol):
         self._raw_headers = []
         self._trailers = None
         self._head_size = 0
+        self._fields = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -358,7 +361,10 @@ class H1ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self._max_head:
-            raise HeadTooLarge
+            raise HeadTooLarge("response headers too large")
+        self._fields += 1
+        if self._fields > MAX_HEADERS_COUNT:
+            raise HeadTooLarge("too many response header fields")
         if self._body is None:
             self._raw_headers.append((name, value))
         elif self._trailers is None:
@@ -376,6 +382,7 @@ class H1ClientConnection(asyncio.Protocol):
             status, self._reason, self._raw_headers, parser.get_http_version()
         )
         self._head_size = 0
+        self._fields = 0
         no_body = response_has_no_body(status, self._method) and status != 101
         self._until_close = not no_body and not framed and status != 101
         self._tunnel = status == 101

@@ -24,6 +24,7 @@ from meshlet.proxy.http.h1_common import (
     CRLF,
     HOP_BY_HOP,
     LAST_CHUNK,
+    MAX_HEADERS_COUNT,
     BadMessage,
     HeadTooLarge,
     ParsedRequest,
@@ -344,6 +345,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._head_size = 0
+        self._fields = 0
         self._raw_head_bytes = 0
         # Input parsed later because too many requests were already queued.
         self._backlog: bytes | None = None
@@ -613,7 +615,7 @@ class H1ServerProtocol(asyncio.Protocol):
         except Exception as exc:  # whatever the client sent, data_received must not raise
             cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
             if isinstance(cause, HeadTooLarge):
-                self._protocol_error(431, "request headers too large")
+                self._protocol_error(431, str(cause) or "request headers too large")
             else:
                 self._protocol_error(400, _parse_error_detail(exc, cause))
             return
@@ -647,6 +649,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._raw_headers = []
         self._trailers = None
         self._head_size = 0
+        self._fields = 0
         timeout = self._settings.request_headers_timeout
         if timeout:
             assert self._loop is not None
@@ -659,6 +662,9 @@ class H1ServerProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_head(len(name) + len(value) + 4)
+        self._fields += 1
+        if self._fields > MAX_HEADERS_COUNT:
+            raise HeadTooLarge("too many request header fields")
         if self._in_head:
             self._raw_headers.append((name, value))
         elif self._trailers is None:
@@ -681,6 +687,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._idle_deadline = None
         self._raw_head_bytes = 0
         self._head_size = 0
+        self._fields = 0
         stream = H1ServerStream(self, parsed, self._settings.buffer_limit)
         self._parsing = stream
         streams = self._streams
