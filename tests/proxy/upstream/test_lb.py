@@ -6,11 +6,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-import pytest
-
-from meshlet.config.model import LbPolicy
-from meshlet.errors import UnsupportedConfig
-from meshlet.proxy.upstream.lb import LeastRequest, RandomLb, RoundRobin, eligible_hosts, make_lb
+from meshlet.proxy.upstream.lb import LeastRequest, RandomLb, RoundRobin, eligible_hosts
 
 
 @dataclass(eq=False)
@@ -70,8 +66,3 @@ def test_random_respects_weights() -> None:
     lb.set_hosts([FakeHost("a", 9), FakeHost("b", 1)])
     counts = Counter(h.name for h in (lb.choose() for _ in range(2000)) if h)
     assert counts["a"] > 1600
-
-
-def test_unsupported_policy_refused() -> None:
-    with pytest.raises(UnsupportedConfig, match="MAGLEV"):
-        make_lb(LbPolicy.MAGLEV)

@@ -6,12 +6,20 @@ STRICT_DNS resolution; each host owns one connection pool per upstream
 protocol. Connecting is TCP (``loop.create_connection``), then the cluster's
 transport socket (plain or TLS), then the HTTP/1.1 or HTTP/2 client codec
 (with ALPN deciding for ``auto``).
+
+A host is healthy when its EDS status allows it, active health checking has
+not failed it (``health.py``) and outlier detection has not ejected it
+(``outlier.py``); every change of those rebuilds the load balancer
+(``lb.py``). Circuit breakers (``circuit_breaker.py``) bound connections,
+pending requests, requests and retries per priority.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from meshlet.config.model import (
@@ -19,6 +27,7 @@ from meshlet.config.model import (
     DiscoveryType,
     Endpoint,
     HealthStatus,
+    LocalityEndpoints,
     TransportSocketConfig,
     UpstreamProtocol,
 )
@@ -34,8 +43,11 @@ from meshlet.proxy.transport import (
     SecurityInfo,
     TransportSocketFactory,
 )
+from meshlet.proxy.upstream.circuit_breaker import CircuitBreakerSet, ResourceManager
 from meshlet.proxy.upstream.dns import DnsRefresher
-from meshlet.proxy.upstream.lb import LoadBalancer, make_lb
+from meshlet.proxy.upstream.health import HealthChecker
+from meshlet.proxy.upstream.lb import ClusterLoadBalancer, LbContext
+from meshlet.proxy.upstream.outlier import OutlierDetector, OutlierState
 from meshlet.proxy.upstream.pool import (
     ConnectionPool,
     ConnectionStats,
@@ -101,23 +113,89 @@ class ClusterStats:
         self.rq_time.record(elapsed_ms)
 
 
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where an endpoint sits in its cluster: priority and locality."""
+
+    priority: int = 0
+    locality: str = ""
+    locality_weight: int | None = None
+
+
+NO_PLACEMENT = Placement()
+
+
 class Host:
     """One upstream endpoint and its pools."""
 
-    __slots__ = ("_cluster", "_pools", "address", "counters", "health", "hostname", "weight")
+    __slots__ = (
+        "_cluster",
+        "_pools",
+        "address",
+        "address_key",
+        "counters",
+        "failed_active_hc",
+        "health",
+        "healthy",
+        "hostname",
+        "locality",
+        "locality_weight",
+        "outlier",
+        "priority",
+        "slow_start_since",
+        "weight",
+    )
 
-    def __init__(self, cluster: ClusterRuntime, endpoint: Endpoint) -> None:
+    def __init__(
+        self, cluster: ClusterRuntime, endpoint: Endpoint, placement: Placement = NO_PLACEMENT
+    ) -> None:
         self._cluster = cluster
         self.address = endpoint.address
+        self.address_key = str(endpoint.address)
         self.weight = max(endpoint.weight, 1)
         self.health = endpoint.health_status
         self.hostname = endpoint.hostname
+        self.priority = placement.priority
+        self.locality = placement.locality
+        self.locality_weight = placement.locality_weight
         self.counters = HostCounters()
+        # Active health checking starts every host as failed until its first
+        # check passes (Envoy's FAILED_ACTIVE_HC on a new host).
+        self.failed_active_hc = bool(cluster.config.health_checks)
+        self.outlier = OutlierState()
+        # When the host's weight ramp (slow start) began; None: not ramping.
+        self.slow_start_since: float | None = None
+        self.healthy = True
         self._pools: dict[str, ConnectionPool] = {}
+        self.update_health()
+
+    def update_health(self) -> bool:
+        """Recompute ``healthy`` from the EDS status, active health checking
+        and outlier ejection; True when it changed."""
+        healthy = self.health in _HEALTHY and not self.failed_active_hc and not self.outlier.ejected
+        changed = healthy != self.healthy
+        self.healthy = healthy
+        return changed
+
+    def record_result(self, status: int) -> None:
+        """One request's outcome for outlier detection: the upstream's status
+        code, or the 5xx the proxy answered for a failure (503 for connect
+        failures and resets, 504 for timeouts)."""
+        detector = self._cluster.outlier
+        if detector is not None:
+            detector.record(self, status)
 
     @property
-    def healthy(self) -> bool:
-        return self.health in _HEALTHY
+    def health_flags(self) -> str:
+        """Envoy's ``/clusters`` health_flags text."""
+        flags = ""
+        if self.failed_active_hc:
+            flags += "/failed_active_hc"
+        if self.outlier.ejected:
+            flags += "/failed_outlier_check"
+        if self.health not in _HEALTHY:
+            flags += "/failed_eds_health"
+        return flags or "healthy"
 
     @property
     def active_requests(self) -> int:
@@ -153,6 +231,11 @@ class Host:
             "weight": self.weight,
             "health": self.health.value,
             "healthy": self.healthy,
+            "health_flags": self.health_flags,
+            "failed_active_health_check": self.failed_active_hc,
+            "failed_outlier_check": self.outlier.ejected,
+            "priority": self.priority,
+            "locality": self.locality,
             "active_requests": c.rq_active,
             "connections": self.connection_count,
             "rq_total": c.rq_total,
@@ -252,19 +335,32 @@ class ClusterRuntime:
         *,
         transport: TransportSocketFactory | None = None,
         codec_factory: CodecFactory = default_codec,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if config.discovery is DiscoveryType.EDS:
             raise UnsupportedConfig("type", "EDS clusters are not supported yet")
         self.name = config.name
         self.config = config
-        self.stats = ClusterStats(runtime.stats.scope("cluster.", "envoy_cluster_name", config.name))
+        self._clock = clock
+        scope = runtime.stats.scope("cluster.", "envoy_cluster_name", config.name)
+        self.stats = ClusterStats(scope)
         self.transport = transport or transport_factory(config.transport_socket, runtime.settings.tls_engine)
         self._codec_factory = codec_factory
-        self._lb: LoadBalancer[Host] = cast(LoadBalancer[Host], make_lb(config.lb_policy))
+        self._lb: ClusterLoadBalancer[Host] = ClusterLoadBalancer(config.lb_policy, config.lb, clock=clock)
+        self.circuit_breakers = CircuitBreakerSet(config.circuit_breakers, scope)
+        self.outlier: OutlierDetector | None = None
+        if config.outlier_detection is not None:
+            self.outlier = OutlierDetector(config.outlier_detection, scope, self._health_changed, clock=clock)
+        self.health_checkers = [
+            HealthChecker(hc, self, scope, self._health_changed, clock=clock) for hc in config.health_checks
+        ]
         self.hosts: list[Host] = []
         self._dns: DnsRefresher | None = None
         self._ready = asyncio.Event()
+        self._has_hosts = False
         self._closed = False
+        localities = config.load_assignment.localities if config.load_assignment else ()
+        self._placements = _placements(localities, by_name=config.discovery is DiscoveryType.STRICT_DNS)
         endpoints = config.load_assignment.all_endpoints() if config.load_assignment else ()
         if config.discovery is DiscoveryType.STATIC:
             self.set_endpoints(endpoints)
@@ -282,16 +378,22 @@ class ClusterRuntime:
     # -- membership -------------------------------------------------------- #
 
     def start(self) -> None:
-        """Start background work (DNS refresh). Needs a running loop."""
+        """Start background work (DNS refresh, health checks, outlier
+        sweeps). Needs a running loop."""
         if self._dns is not None:
             self._dns.start()
+        for checker in self.health_checkers:
+            checker.start()
+        if self.outlier is not None:
+            self.outlier.start()
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
 
     async def wait_ready(self, timeout: float | None) -> bool:
-        """Wait for the first host set (STRICT_DNS); True once there is one."""
+        """Wait for the first host set (STRICT_DNS) and, with active health
+        checking, the first check of every host; True once that happened."""
         if self._ready.is_set():
             return True
         try:
@@ -300,32 +402,97 @@ class ClusterRuntime:
             return False
         return True
 
+    def _update_ready(self) -> None:
+        if self._has_hosts and all(c.first_round_done for c in self.health_checkers):
+            self._ready.set()
+
     def set_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
-        """Replace membership, keeping Host objects (and their pools) for
-        addresses still present; removed hosts drain."""
+        """Replace membership, keeping Host objects (and their pools, health
+        and outlier state) for addresses still present; removed hosts drain.
+        Hosts added after the first set ramp up under slow start."""
         current = {h.address: h for h in self.hosts}
         hosts: list[Host] = []
         for ep in endpoints:
             host = current.pop(ep.address, None)
+            placement = self._placement_of(ep)
             if host is None:
-                host = Host(self, ep)
+                host = Host(self, ep, placement)
+                if self._has_hosts:
+                    host.slow_start_since = self._clock()
             else:
                 host.weight = max(ep.weight, 1)
                 host.health = ep.health_status
+                host.priority = placement.priority
+                host.locality = placement.locality
+                host.locality_weight = placement.locality_weight
+                host.update_health()
             hosts.append(host)
         for gone in current.values():
             gone.drain()
         self.hosts = hosts
-        self._lb.set_hosts(hosts)
-        self.stats.membership_total.set(len(hosts))
-        self.stats.membership_healthy.set(sum(1 for h in hosts if h.healthy))
-        self._ready.set()
+        self._has_hosts = True
+        for checker in self.health_checkers:
+            checker.set_hosts(hosts)
+        if self.outlier is not None:
+            self.outlier.set_hosts(hosts)
+        self._rebuild_lb()
+        self._update_ready()
 
-    def choose_host(self) -> Host | None:
-        host = self._lb.choose()
+    def _placement_of(self, ep: Endpoint) -> Placement:
+        placements = self._placements
+        if not placements:
+            return NO_PLACEMENT
+        return placements.get((ep.hostname or ep.address.host, ep.address.port)) or placements.get(
+            (ep.address.host, ep.address.port), NO_PLACEMENT
+        )
+
+    def _health_changed(self, host: Host | None = None) -> None:
+        """Health checking or outlier detection changed a host's state."""
+        if host is not None:
+            became_healthy = not host.healthy
+            if host.update_health() and became_healthy and self._lb_slow_start:
+                host.slow_start_since = self._clock()
+        self._rebuild_lb()
+        self._update_ready()
+
+    @property
+    def _lb_slow_start(self) -> bool:
+        return self.config.lb.slow_start is not None
+
+    def _rebuild_lb(self) -> None:
+        self._lb.set_hosts(self.hosts)
+        self.stats.membership_total.set(len(self.hosts))
+        self.stats.membership_healthy.set(sum(1 for h in self.hosts if h.healthy))
+
+    def choose_host(self, context: LbContext | None = None) -> Host | None:
+        """A host for one request. With a context that lists hosts already
+        tried, up to ``host_selection_attempts`` picks avoid them (the last
+        pick stands even if it was tried)."""
+        lb = self._lb
+        host = lb.choose(context)
+        if context is not None and context.tried:
+            attempts = max(context.host_selection_attempts, 1)
+            while host is not None and host in context.tried and context.attempt + 1 < attempts:
+                context.attempt += 1
+                host = lb.choose(context)
+            context.attempt = 0
         if host is None:
             self.stats.cx_none_healthy.inc()
         return host
+
+    def resources(self, priority: str = "DEFAULT") -> ResourceManager:
+        """The circuit breakers of ``priority`` ("DEFAULT" or "HIGH")."""
+        return self.circuit_breakers.for_priority(priority)
+
+    @property
+    def in_panic(self) -> bool:
+        return self._lb.in_panic
+
+    @property
+    def has_traffic(self) -> bool:
+        """Whether the cluster ever opened a connection for traffic (health
+        checks use ``no_traffic_interval`` until it has)."""
+        return self.stats.connections.cx_total.value > 0
 
     # -- pools ------------------------------------------------------------- #
 
@@ -356,6 +523,7 @@ class ClusterRuntime:
             stream_limit=stream_limit,
             idle_timeout=cfg.idle_timeout,
             max_requests_per_connection=cfg.max_requests_per_connection,
+            resources=self.circuit_breakers.default,
         )
 
     async def _connect(self, host: Host, kind: str, on_lost: LostFn) -> UpstreamConnection:
@@ -435,18 +603,24 @@ class ClusterRuntime:
 
     # -- lifecycle --------------------------------------------------------- #
 
+    def _stop_background(self) -> None:
+        if self._dns is not None:
+            self._dns.stop()
+        for checker in self.health_checkers:
+            checker.stop()
+        if self.outlier is not None:
+            self.outlier.stop()
+
     def drain(self) -> None:
         """The cluster was removed or replaced: finish in-flight requests, then close."""
         self._closed = True
-        if self._dns is not None:
-            self._dns.stop()
+        self._stop_background()
         for host in self.hosts:
             host.drain()
 
     def close(self) -> None:
         self._closed = True
-        if self._dns is not None:
-            self._dns.stop()
+        self._stop_background()
         for host in self.hosts:
             host.close()
 
@@ -456,8 +630,27 @@ class ClusterRuntime:
             "type": self.config.discovery.value,
             "lb_policy": self.config.lb_policy.value,
             "protocol": self.config.protocol.value,
+            "in_panic": self.in_panic,
             "hosts": [h.describe() for h in self.hosts],
         }
+
+
+PlacementKey = tuple[str, int]
+
+
+def _placements(localities: Sequence[LocalityEndpoints], *, by_name: bool) -> dict[PlacementKey, Placement]:
+    """Each endpoint's placement by (address or DNS name, port); empty when
+    every endpoint is in one unnamed P0 locality (nothing to look up)."""
+    out: dict[PlacementKey, Placement] = {}
+    for loc in localities:
+        placement = Placement(loc.priority, loc.locality, loc.weight)
+        if placement == NO_PLACEMENT:
+            continue
+        for ep in loc.endpoints:
+            name = ep.hostname if by_name and ep.hostname else ep.address.host
+            out[(name, ep.address.port)] = placement
+            out.setdefault((ep.address.host, ep.address.port), placement)
+    return out
 
 
 def _is_multiplexed(conn: UpstreamConnection) -> bool:

@@ -6,7 +6,9 @@ keep-alive lasts; HTTP/2 connections carry up to ``max_streams`` at once, so
 the pool opens a new one only when every open connection is full. Requests
 beyond ``max_connections`` wait in a bounded queue (Envoy's
 ``max_pending_requests`` circuit breaker); the wait is bounded by the
-caller's timeout.
+caller's timeout. With a cluster's ``ResourceManager`` the connection and
+pending limits are the cluster-wide circuit breakers, shared by every pool
+of the cluster.
 
 Connecting itself is a callable given by the cluster (TCP connect, transport
 socket handshake, codec), bounded by the cluster's ``connect_timeout``.
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 from meshlet.proxy.http.stream import UpstreamConnection
 from meshlet.proxy.observe.stats import Counter, Gauge
+from meshlet.proxy.upstream.circuit_breaker import ResourceManager
 
 # Envoy's default circuit-breaker thresholds.
 DEFAULT_MAX_CONNECTIONS = 1024
@@ -104,6 +107,7 @@ class ConnectionPool:
         max_pending: int = DEFAULT_MAX_PENDING,
         idle_timeout: float | None = None,
         max_requests_per_connection: int | None = None,
+        resources: ResourceManager | None = None,
     ) -> None:
         self._connect = connect
         self._stats = stats
@@ -118,6 +122,7 @@ class ConnectionPool:
         self.max_pending = max_pending
         self.idle_timeout = idle_timeout
         self.max_requests_per_connection = max_requests_per_connection
+        self._resources = resources
         self._leases: dict[UpstreamConnection, int] = {}
         self._served: dict[UpstreamConnection, int] = {}
         self._idle_timers: dict[UpstreamConnection, asyncio.TimerHandle] = {}
@@ -178,7 +183,10 @@ class ConnectionPool:
         if len(self._leases) + self._connecting >= self.max_connections:
             return False
         # An HTTP/2 connection on its way will have room for the waiters.
-        return not (self.multiplexed and self._connecting)
+        if self.multiplexed and self._connecting:
+            return False
+        # Takes the cluster's connection resource; _open owns it from here.
+        return self._resources is None or self._resources.try_acquire_connection()
 
     async def _open(self) -> UpstreamConnection:
         self._connecting += 1
@@ -186,6 +194,8 @@ class ConnectionPool:
             conn = await self._connect(self._connection_lost)
         except BaseException:
             self._connecting -= 1
+            if self._resources is not None:
+                self._resources.release_connection()
             self._stats.cx_connect_fail.inc()
             self._host.cx_connect_fail += 1
             # A slot freed up: the next waiter may try its own connection.
@@ -204,9 +214,19 @@ class ConnectionPool:
         return conn
 
     async def _wait_for_room(self) -> None:
+        resources = self._resources
         if len(self._waiters) >= self.max_pending:
             self._stats.rq_pending_overflow.inc()
             raise UpstreamConnectError("overflow", "too many requests waiting for a connection")
+        if resources is not None and not resources.try_acquire_pending():
+            raise UpstreamConnectError("overflow", "too many requests waiting for a connection")
+        try:
+            await self._wait_in_line()
+        finally:
+            if resources is not None:
+                resources.release_pending()
+
+    async def _wait_in_line(self) -> None:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._stats.rq_pending_total.inc()
@@ -290,6 +310,8 @@ class ConnectionPool:
         self._stats.cx_active.dec()
         self._stats.cx_destroy.inc()
         self._host.cx_active -= 1
+        if self._resources is not None:
+            self._resources.release_connection()
         conn.close()
 
     def _wake_one(self) -> None:
