@@ -6,7 +6,6 @@ sample upstream app takes the place of each cluster's endpoint.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -46,8 +45,7 @@ def all_fresh_ports(node: Any, mapping: dict[int, int]) -> None:
     ("demo/proxy.yaml", "/hello", "200"),
     ("demo/proxy.yaml", "/nowhere", "404"),
 ])
-def test_example_serves(start_meshlet: StartMeshlet, example: str, path: str, expected: str,
-                        tmp_path: Path) -> None:
+def test_example_serves(start_meshlet: StartMeshlet, example: str, path: str, expected: str) -> None:
     require("curl")
     config = yaml.safe_load(example_path(example).read_text())
     all_fresh_ports(config, {})

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
-from interop_helpers import MeshletProcess, StartMeshlet, bootstrap, cluster, hcm, listener, ports, route
+from interop_helpers import (
+    MeshletProcess,
+    StartMeshlet,
+    bootstrap,
+    cluster,
+    downstream_tls,
+    hcm,
+    listener,
+    ports,
+    route,
+)
+
+from certs import make_pki
 
 pytestmark = pytest.mark.interop
 
@@ -96,3 +109,20 @@ def test_unknown_method_is_unimplemented(channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as raised:
         call(b"x", timeout=10)
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("engine", ["openssl", "meshlet"])
+def test_grpc_over_tls(start_meshlet: StartMeshlet, grpc_upstream: int, tmp_path: Path, engine: str) -> None:
+    """grpcio's own TLS stack (BoringSSL) against each of meshlet's TLS engines, ALPN h2."""
+    pki = make_pki(tmp_path / "pki")
+    port, admin = ports(2)
+    tls = downstream_tls(pki.server_cert, pki.server_key, alpn=("h2",))
+    config = bootstrap([listener("grpcs", port, [hcm([route("/")])], transport_socket=tls)],
+                       [cluster("app", grpc_upstream, http2=True)], admin)
+    start_meshlet(config, "--tls-engine", engine)
+    credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca_cert.read_bytes())
+    with grpc.secure_channel(f"localhost:{port}", credentials, options=NO_PROXY) as channel:
+        call = channel.unary_unary(f"/{SERVICE}/Unary")
+        assert call(b"over tls", timeout=10) == b"echo:over tls"
+        stream = channel.stream_stream(f"/{SERVICE}/Bidi")
+        assert list(stream(iter([b"x", b"y"]), timeout=10)) == [b"X", b"Y"]
