@@ -70,12 +70,23 @@ class TokenKey:
         if key is None:
             import pkcs11
 
-            session = self._token.open(user_pin=self._pin)
+            session = self._open_session()
             with self._lock:
                 self._sessions.append(session)
             key = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=self.key_label)
             self._local.key = key
         return key
+
+    def _open_session(self) -> Any:
+        import pkcs11
+
+        # Login is per application, not per session: once one session has
+        # logged in, the others share it and a second C_Login is refused.
+        # (So within one process the PIN is checked by the first login.)
+        try:
+            return self._token.open(user_pin=self._pin)
+        except pkcs11.UserAlreadyLoggedIn:
+            return self._token.open()
 
     def public_key(self) -> CertificatePublicKeyTypes:
         """From the token's public key object; for RSA, the private object's modulus will do."""
@@ -146,7 +157,8 @@ class Pkcs11KeyProvider(KeyProvider):
         try:
             public = self._executor.submit(key.public_key).result(timeout=sign_timeout)
         except BaseException:
-            self._executor.shutdown(wait=False)
+            self._executor.submit(key.close)
+            self._executor.shutdown(wait=True)
             raise
         super().__init__(public)
         self._limit = InFlightLimit(max_in_flight, sign_timeout)
@@ -171,8 +183,9 @@ class Pkcs11KeyProvider(KeyProvider):
             self._limit.release()
 
     def close(self) -> None:
+        # Wait for the sessions to close: the token logs out with the last one.
         self._executor.submit(self._key.close)
-        self._executor.shutdown(wait=False)
+        self._executor.shutdown(wait=True)
 
 
 def _pin(settings: Settings) -> str:
