@@ -392,7 +392,7 @@ class _TlsProtocol(asyncio.Protocol):
     # -- engine events ------------------------------------------------------ #
 
     def _flush(self) -> None:
-        data = self._conn.data_to_send()
+        data = self._conn.take_outgoing()
         if data and not self._raw.is_closing():
             self._raw.write(data)
 

@@ -41,7 +41,8 @@ class TlsConnection:
         self.is_client = client
         self._records = RecordLayer(config.padding_block)
         self._handshake_buffer = HandshakeBuffer(config.max_handshake_message_size)
-        self._outgoing = bytearray()
+        # Protected records waiting for ``data_to_send``/``take_outgoing``.
+        self._outgoing: list[bytes | bytearray] = []
         self._events: list[Event] = []
         self._closed = False
         self._peer_closed = False
@@ -60,10 +61,10 @@ class TlsConnection:
     # -- the Output interface the handshake machine uses ------------------- #
 
     def send_handshake(self, raw: bytes) -> None:
-        self._outgoing += self._records.protect(ContentType.handshake, raw)
+        self._outgoing.append(self._records.protect(ContentType.handshake, raw))
 
     def send_change_cipher_spec(self) -> None:
-        self._outgoing += b"\x14\x03\x03\x00\x01\x01"
+        self._outgoing.append(b"\x14\x03\x03\x00\x01\x01")
 
     def set_read_secret(self, suite: CipherSuite, secret: bytes) -> None:
         if not self._handshake_buffer.empty:
@@ -227,7 +228,7 @@ class TlsConnection:
             raise TlsStateError("handshake not complete")
         if self._records.write_key_exhausted:
             self._machine.update_write_key(request_peer=False)
-        self._outgoing += self._records.protect(ContentType.application_data, data)
+        self._outgoing.append(self._records.protect(ContentType.application_data, data))
 
     def update_key(self, *, request_peer: bool = True) -> None:
         """Send KeyUpdate and switch our sending key (RFC 8446 section 4.6.3)."""
@@ -243,12 +244,20 @@ class TlsConnection:
         self._send_alert(AlertLevel.WARNING, AlertDescription.close_notify)
 
     def data_to_send(self) -> bytes:
-        data = bytes(self._outgoing)
-        self._outgoing.clear()
-        return data
+        data = self.take_outgoing()
+        return data if type(data) is bytes else bytes(data)
+
+    def take_outgoing(self) -> bytes | bytearray:
+        """``data_to_send`` without a copy: the buffer is handed over (the
+        connection keeps no reference to it)."""
+        pending = self._outgoing
+        if not pending:
+            return b""
+        self._outgoing = []
+        return pending[0] if len(pending) == 1 else b"".join(pending)
 
     def _send_alert(self, level: AlertLevel, description: AlertDescription) -> None:
-        self._outgoing += self._records.protect(ContentType.alert, bytes((level, description)))
+        self._outgoing.append(self._records.protect(ContentType.alert, bytes((level, description))))
 
     # -- failure ---------------------------------------------------------------- #
 
