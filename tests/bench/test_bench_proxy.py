@@ -34,7 +34,7 @@ def check_row(row: dict[str, object], name: str) -> None:
         assert isinstance(value, int | float) and value > 0, (key, value)
     assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]  # type: ignore[operator]
     assert row["rss_hwm_mb"] >= row["rss_mb"]  # type: ignore[operator]
-    assert row["cores"] == 1
+    assert row["cores"] == 1 and row["rounds"] == 1
     assert isinstance(row["version"], str) and row["version"]
     assert isinstance(row["load_average"], float) and row["load_average"] >= 0
     assert row["duration_s"] == 1.0 and row["connections"] == 8
@@ -71,3 +71,19 @@ def test_a_harness_that_cannot_start_still_prints_one_json_object(tmp_path: obje
     assert [row["name"] for row in result["rows"]] == ["meshlet", "haproxy"]
     assert all("apps/upstream.py not found" in row["error"] for row in result["rows"])
     assert done.stderr.rstrip().endswith("meshlet: error: benchmark failed for: meshlet, haproxy")
+
+
+def test_rounds_merge_into_medians_and_sums() -> None:
+    from meshlet.bench.proxy import merge_rounds
+
+    def row(rps: float, p99: float, cpu_s: float, requests: int) -> dict[str, object]:
+        return {"name": "x", "rps_max": rps, "p99_ms": p99, "cpu_s": cpu_s, "fixed_rate_requests": requests,
+                "cpu_s_per_1000_req": cpu_s / requests * 1000, "shared_core": False, "version": "1"}
+
+    merged = merge_rounds([row(100, 5.0, 1.0, 1000), row(300, 1.0, 2.0, 1000), row(200, 9.0, 3.0, 1000)])
+    assert merged["rps_max"] == 200 and merged["p99_ms"] == 5.0
+    assert merged["cpu_s"] == 6.0 and merged["fixed_rate_requests"] == 3000
+    assert merged["cpu_s_per_1000_req"] == 2.0
+    assert merged["rounds"] == 3 and merged["shared_core"] is False and merged["version"] == "1"
+    failed = merge_rounds([row(1, 1, 1, 1), {"name": "x", "error": "boom"}])
+    assert failed == {"name": "x", "error": "boom"}

@@ -16,6 +16,7 @@ Everything started here is stopped here, and every phase is bounded in time.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -59,6 +60,7 @@ class ProxyBenchOptions:
     fixed_rate_connections: int = 16
     warmup_s: float = 2.0
     systems: tuple[str, ...] = SYSTEMS
+    rounds: int = 1
 
 
 # A smoke run (about 10 s for both systems): shapes and sanity, not figures to quote.
@@ -239,24 +241,52 @@ def bench_one(name: str, workdir: Path, upstream_port: int, opts: ProxyBenchOpti
         target.child.stop()
 
 
+# Summed over rounds; every other number is the median of the rounds.
+SUMMED = ("fixed_rate_requests", "fixed_rate_errors", "fixed_rate_non_2xx", "saturation_requests",
+          "saturation_errors", "cpu_s")
+
+
+def merge_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a system's rounds: medians (sums for counts); any failed round fails the row."""
+    failed = [row for row in rows if "error" in row]
+    if failed:
+        return failed[0]
+    merged = dict(rows[0])
+    for key, value in rows[0].items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        values = [row[key] for row in rows]
+        merged[key] = round(sum(values) if key in SUMMED else statistics.median(values), 4)
+    # CPU per request over all rounds: total CPU over total requests.
+    merged["cpu_s_per_1000_req"] = round(merged["cpu_s"] / max(merged["fixed_rate_requests"], 1) * 1000, 4)
+    merged["rounds"] = len(rows)
+    return merged
+
+
 def run_proxy_bench(opts: ProxyBenchOptions, progress: Progress) -> dict[str, Any]:
-    """Run every system in ``opts.systems``; a system that fails gets a row with ``error``."""
+    """Run every system in ``opts.systems``, ``opts.rounds`` times, alternating systems so
+    that slow drifts of the machine hit them alike; a system that fails gets a row with ``error``."""
     unknown = [s for s in opts.systems if s not in STARTERS]
     if unknown:
         raise ValueError(f"unknown system(s): {', '.join(unknown)} (known: {', '.join(STARTERS)})")
     plan = plan_cpus()
-    rows: list[dict[str, Any]] = []
+    per_system: dict[str, list[dict[str, Any]]] = {name: [] for name in opts.systems}
     with tempfile.TemporaryDirectory(prefix="meshlet-bench-") as tmp:
         workdir = Path(tmp)
         progress(f"upstream: starting on core(s) {','.join(map(str, sorted(plan.load)))}")
         upstream, upstream_port = start_upstream(cpus=plan.load)
         try:
-            for name in opts.systems:
-                try:
-                    rows.append(bench_one(name, workdir, upstream_port, opts, plan, progress))
-                except ChildError as exc:
-                    progress(f"{name}: failed: {exc}")
-                    rows.append({"name": name, "error": str(exc)})
+            for round_no in range(1, opts.rounds + 1):
+                if opts.rounds > 1:
+                    progress(f"round {round_no} of {opts.rounds}")
+                for name in opts.systems:
+                    if any("error" in row for row in per_system[name]):
+                        continue
+                    try:
+                        per_system[name].append(bench_one(name, workdir, upstream_port, opts, plan, progress))
+                    except ChildError as exc:
+                        progress(f"{name}: failed: {exc}")
+                        per_system[name].append({"name": name, "error": str(exc)})
         finally:
             upstream.stop()
-    return {"rows": rows}
+    return {"rows": [merge_rounds(rows) for rows in per_system.values()]}

@@ -56,8 +56,11 @@ PROXY_COLUMNS = ("name", "rps_max", "p50_ms", "p90_ms", "p99_ms", "cpu_s_per_100
 @click.option("--rate-duration", type=click.FloatRange(min=1), help="Fixed-rate phase length, seconds [10].")
 @click.option("--system", "systems", multiple=True, type=click.Choice(("meshlet", "haproxy")),
               help="Only these proxies (repeatable); default: all.")
+@click.option("--rounds", type=click.IntRange(min=1, max=20),
+              help="Measure each proxy this many times, alternating; report medians [1].")
 def proxy_bench(as_json: bool, quick: bool, duration: float | None, connections: int | None,
-                rate: float | None, rate_duration: float | None, systems: tuple[str, ...]) -> None:
+                rate: float | None, rate_duration: float | None, systems: tuple[str, ...],
+                rounds: int | None) -> None:
     """Throughput, latency at a fixed rate, CPU and memory: meshlet beside HAProxy."""
     from meshlet.bench.procs import ChildError
     from meshlet.bench.proxy import QUICK, ProxyBenchOptions, run_proxy_bench
@@ -65,7 +68,7 @@ def proxy_bench(as_json: bool, quick: bool, duration: float | None, connections:
     opts = QUICK if quick else ProxyBenchOptions()
     overrides: dict[str, Any] = {
         "saturation_s": duration, "connections": connections, "fixed_rate": rate,
-        "fixed_rate_s": rate_duration, "systems": systems or None,
+        "fixed_rate_s": rate_duration, "systems": systems or None, "rounds": rounds,
     }
     opts = replace(opts, **{k: v for k, v in overrides.items() if v is not None})
     try:
