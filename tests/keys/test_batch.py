@@ -26,7 +26,7 @@ from tls_helpers import Echo, MiniPki, meshlet_serve
 from meshlet.config.model import PrivateKeyProviderConfig
 from meshlet.errors import ConfigError
 from meshlet.keys import crypto_mb
-from meshlet.keys.base import ProviderUnavailable
+from meshlet.keys.base import KeyProviderUnavailable, ProviderUnavailable
 from meshlet.keys.batch import BatchKeyProvider, build_batch, measure, parse_duration
 from meshlet.keys.crypto_mb import Lane, LaneResult, Probe
 from meshlet.keys.local import SigningKey
@@ -188,6 +188,57 @@ async def test_a_failing_batch_call_falls_back_for_all_its_lanes(caplog: pytest.
     assert "simulated library failure" in caplog.text
 
 
+@needs_crypto_mb
+async def test_while_a_batch_is_computed_the_next_one_gathers() -> None:
+    provider = BatchKeyProvider(key_of("RSA-2048"), poll_delay=0.001, execution="thread")
+    signer = provider._signer
+    assert signer is not None
+    real = signer.run
+
+    def slow(lanes: Sequence[Lane]) -> list[LaneResult]:
+        time.sleep(0.2)
+        return real(lanes)
+
+    signer.run = slow
+    first = asyncio.ensure_future(provider.sign(RSA_SCHEMES[0], b"first"))
+    await asyncio.sleep(0.05)  # the first batch (one lane) is in the worker now
+    rest = await sign_all(provider, 5)
+    check(provider, [*rest, (RSA_SCHEMES[0], b"first", await first)])
+    queue = provider.stats()["queue"]
+    assert queue["batches"] == 2 and queue["batched_ops"] == 6  # not five batches of one
+
+
+@needs_crypto_mb
+async def test_a_stuck_batch_times_out_and_the_queue_moves_on() -> None:
+    provider = BatchKeyProvider(key_of("P-256"), poll_delay=0.001, sign_timeout=0.1, execution="thread")
+    signer = provider._signer
+    assert signer is not None
+    real = signer.run
+    calls = 0
+
+    def stuck_once(lanes: Sequence[Lane]) -> list[LaneResult]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            time.sleep(0.3)
+        return real(lanes)
+
+    signer.run = stuck_once
+    with pytest.raises(KeyProviderUnavailable, match=r"no signature within 0\.1 s"):
+        await provider.sign(SignatureScheme.ecdsa_secp256r1_sha256, b"stuck")
+    await asyncio.sleep(0.3)  # the worker thread is free again
+    check(provider, await sign_all(provider, 3))
+    assert provider.stats()["errors"] == 1 and provider.stats()["in_flight"] == 0
+
+
+def test_execution_defaults_to_inline_for_ecdsa_and_thread_for_rsa() -> None:
+    assert BatchKeyProvider(key_of("P-256")).stats()["execution"] == "inline"
+    assert BatchKeyProvider(key_of("RSA-2048")).stats()["execution"] == "thread"
+    assert BatchKeyProvider(key_of("P-384"), execution="thread").stats()["execution"] == "thread"
+    with pytest.raises(ValueError, match="execution"):
+        BatchKeyProvider(key_of("P-256"), execution="gpu")
+
+
 # --------------------------------------------------------------------------- #
 # Software fallback
 # --------------------------------------------------------------------------- #
@@ -268,6 +319,7 @@ def test_settings_from_a_key_file(tmp_path: Path) -> None:
         ({"key": "k", "software_fallback": "no"}, "software_fallback", "true or false"),
         ({"key": "k", "backend": "qat"}, "backend", "must be one of crypto_mb, software"),
         ({"key": "k", "flush": 1}, "flush", "unknown meshlet.batch setting"),
+        ({"key": "k", "execution": "gpu"}, "execution", "must be one of auto, thread, inline"),
     ],
 )
 def test_bad_settings_name_their_field(
@@ -381,8 +433,9 @@ def test_measure_reports_both_rates() -> None:
     report = measure("P-256", 0.6, concurrency=16)
     assert report["key_type"] == "P-256"
     assert report["path"] == ("crypto_mb" if crypto_mb.probe().supports("P-256") else "software")
-    assert report["batch_signs_per_s"] > 0 and report["cryptography_signs_per_s"] > 0
-    assert report["batch_inline_signs_per_s"] > 0 and report["speedup"] > 0
+    for run in ("batch_thread", "batch_inline", "cryptography"):
+        assert report[run]["signs_per_s"] > 0 and report[run]["signs_per_cpu_s"] > 0
+    assert report["lane_errors"] == 0 and report["speedup_per_cpu"] > 0
     with pytest.raises(ValueError, match="unknown key type"):
         measure("DSA-1024", 0.1)
 

@@ -3,8 +3,10 @@
 Sign operations are gathered per key type (RSA-2048/3072/4096, P-256,
 P-384) and per event loop; a batch leaves when ``max_batch`` operations are
 queued or ``poll_delay`` after its first one, and one ``mb8`` call signs all
-of it in a worker thread (ctypes drops the GIL) while the loop keeps
-serving. Lanes of one batch may belong to different keys of the same type.
+of it: RSA calls (1 to 26 ms) in a worker thread (ctypes drops the GIL)
+while the loop keeps serving; ECDSA calls (0.2 to 0.4 ms) on the loop by
+default, where they cost less CPU than the handoff to a thread (see
+``measure``). Lanes of one batch may belong to different keys of one type.
 While a batch is being computed, a timer-driven flush of the same queue
 waits for it to finish, so that a busy queue sends fuller batches instead
 of a line of small ones.
@@ -15,7 +17,7 @@ nonce from ``secrets``; the library computes (r, s), which is DER-encoded.
 
 Where crypto_mb cannot run (library absent, no AVX-512 IFMA, a key size it
 does not do, or ``backend: software``), the provider signs with
-``cryptography`` in the same worker thread, says so once in the log and
+``cryptography`` (where the mb8 call would have run), says so once in the log and
 reports ``fallback_reason`` in its stats; with ``software_fallback: false``
 that is a configuration error instead. A lane the library fails is signed
 in software as well and counted. Settings::
@@ -26,6 +28,7 @@ in software as well and counted. Settings::
     max_batch: 1..8               (default 8)
     software_fallback: bool       (default true)
     backend: crypto_mb | software (default crypto_mb)
+    execution: auto | thread | inline   (default auto: P-256/P-384 inline, RSA thread)
     max_in_flight: 1..65536       (default 1024)
     sign_timeout: seconds         (default 5)
 """
@@ -86,6 +89,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BACKENDS = ("crypto_mb", "software")
+EXECUTIONS = ("auto", "thread", "inline")
+# Key types whose 8-lane call is short enough (P-256 ~0.2 ms, P-384 ~0.4 ms
+# on AVX-512 IFMA) to run on the loop under ``execution: auto``: the handoff
+# to a thread costs about as much CPU as the call. RSA calls take 1 ms
+# (2048) to 26 ms (4096) and go to the worker thread.
+INLINE_KEY_TYPES = frozenset({"P-256", "P-384"})
 DEFAULT_POLL_DELAY = 0.0002
 MAX_POLL_DELAY = 1.0
 
@@ -195,8 +204,33 @@ class _Pending:
         self.future = future
 
 
+class _Batch:
+    """The operations of one mb8 call; ``expired`` once it has been given up on."""
+
+    __slots__ = ("expired", "expiry", "items")
+
+    def __init__(self, items: list[_Pending]) -> None:
+        self.items = items
+        self.expired = False
+        self.expiry: asyncio.TimerHandle | None = None
+
+    def deliver(self, outcome: list[LaneResult] | BaseException) -> None:
+        for index, pending in enumerate(self.items):
+            if pending.future.done():  # its caller went away
+                continue
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome[index])
+
+
 class BatchQueue:
-    """Gathers lanes of one key type on one loop and runs them in batches."""
+    """Gathers lanes of one key type on one loop and runs them in batches.
+
+    A batch that has not come back ``timeout`` s after it left fails its
+    operations with ``KeyProviderUnavailable`` (one timer per batch rather
+    than one per operation), so a lane waits at most ``poll_delay``, plus
+    the time allowed to the batch ahead of it, plus its own batch's."""
 
     def __init__(
         self,
@@ -204,6 +238,7 @@ class BatchQueue:
         run: Callable[[Sequence[Lane]], list[LaneResult]],
         max_batch: int,
         poll_delay: float,
+        timeout: float,
         *,
         inline: bool = False,
     ) -> None:
@@ -211,10 +246,11 @@ class BatchQueue:
         self._run = run
         self._max_batch = max_batch
         self._poll_delay = poll_delay
+        self._timeout = timeout
         self._inline = inline
         self._pending: list[_Pending] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._busy = False
+        self._in_flight = 0
         self._flush_when_idle = False
         self.stats = QueueStats()
 
@@ -230,31 +266,41 @@ class BatchQueue:
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._busy:
-            # The worker is still on the previous batch: keep gathering.
+        if self._in_flight:
+            # The worker is still on the previous batch: keep gathering
+            # until it is back, then send what has accumulated.
             self._flush_when_idle = True
             return
         self.stats.timer_flushes += 1
         self._flush()
+
+    def _flush_if_deferred(self) -> None:
+        if self._flush_when_idle and not self._in_flight:
+            self._flush_when_idle = False
+            if self._pending:
+                self.stats.timer_flushes += 1
+                self._flush()
 
     def _flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._flush_when_idle = False
-        batch = [p for p in self._pending[: self._max_batch] if not p.future.done()]
+        items = [p for p in self._pending[: self._max_batch] if not p.future.done()]
         del self._pending[: self._max_batch]
-        if self._pending and self._timer is None:
+        if self._pending:
             self._timer = self._loop.call_later(self._poll_delay, self._on_timer)
-        if not batch:
+        if not items:
             return
         self.stats.batches += 1
-        self.stats.lanes += len(batch)
-        lanes = [p.lane for p in batch]
+        self.stats.lanes += len(items)
+        batch = _Batch(items)
+        lanes = [p.lane for p in items]
         if self._inline:
-            self._deliver(batch, self._call(lanes))
+            batch.deliver(self._call(lanes))
             return
-        self._busy = True
+        self._in_flight += 1
+        batch.expiry = self._loop.call_later(self._timeout, self._expire, batch)
         work = self._loop.run_in_executor(_worker(), self._call, lanes)
         work.add_done_callback(lambda done: self._finished(batch, done))
 
@@ -267,8 +313,20 @@ class BatchQueue:
             log.warning("meshlet.batch: a %d-lane batch failed: %s", len(lanes), exc)
             return [LANE_FAILED] * len(lanes)
 
-    def _finished(self, batch: list[_Pending], done: asyncio.Future[list[LaneResult]]) -> None:
-        self._busy = False
+    def _expire(self, batch: _Batch) -> None:
+        # The call is stuck in the library or behind one that is: give up on
+        # it (its late results are dropped) and stop holding the queue back.
+        batch.expired = True
+        self._in_flight -= 1
+        batch.deliver(KeyProviderUnavailable(f"meshlet.batch: no signature within {self._timeout:g} s"))
+        self._flush_if_deferred()
+
+    def _finished(self, batch: _Batch, done: asyncio.Future[list[LaneResult]]) -> None:
+        if batch.expired:
+            return
+        if batch.expiry is not None:
+            batch.expiry.cancel()
+        self._in_flight -= 1
         outcome: list[LaneResult] | BaseException
         if done.cancelled():
             outcome = KeyProviderUnavailable("meshlet.batch: the batch worker stopped")
@@ -276,24 +334,13 @@ class BatchQueue:
             outcome = KeyProviderUnavailable(f"meshlet.batch: the batch worker failed: {error}")
         else:
             outcome = done.result()
-        self._deliver(batch, outcome)
-        if self._flush_when_idle and self._pending:
-            self.stats.timer_flushes += 1
-            self._flush()
-
-    @staticmethod
-    def _deliver(batch: list[_Pending], outcome: list[LaneResult] | BaseException) -> None:
-        for index, pending in enumerate(batch):
-            if pending.future.done():
-                continue
-            if isinstance(outcome, BaseException):
-                pending.future.set_exception(outcome)
-            else:
-                pending.future.set_result(outcome[index])
+        batch.deliver(outcome)
+        self._flush_if_deferred()
 
 
 # Queues outlive no loop: a loop that goes away takes its queues with it.
-_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int, float, bool], BatchQueue]]
+_QueueKey = tuple[str, int, float, float, bool]
+_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_QueueKey, BatchQueue]]
 _queues = weakref.WeakKeyDictionary()
 
 
@@ -302,15 +349,17 @@ def queue_for(
     run: Callable[[Sequence[Lane]], list[LaneResult]],
     max_batch: int,
     poll_delay: float,
+    timeout: float,
     *,
     inline: bool = False,
 ) -> BatchQueue:
+    """This loop's queue for ``kind`` with these settings (created on first use)."""
     loop = asyncio.get_running_loop()
     per_loop = _queues.setdefault(loop, {})
-    key = (kind, max_batch, poll_delay, inline)
+    key = (kind, max_batch, poll_delay, timeout, inline)
     queue = per_loop.get(key)
     if queue is None:
-        queue = per_loop[key] = BatchQueue(loop, run, max_batch, poll_delay, inline=inline)
+        queue = per_loop[key] = BatchQueue(loop, run, max_batch, poll_delay, timeout, inline=inline)
     return queue
 
 
@@ -380,11 +429,13 @@ class BatchKeyProvider(KeyProvider):
         backend: str = "crypto_mb",
         max_in_flight: int = 1024,
         sign_timeout: float = 5.0,
-        inline: bool = False,
+        execution: str = "auto",
         report: crypto_mb.Probe | None = None,
     ) -> None:
-        """``inline`` runs mb8 calls on the event loop (for measurements);
-        ``report`` replaces this machine's crypto_mb probe (for tests)."""
+        """``execution``: where mb8 calls (and software signs) run, see
+        ``EXECUTIONS``; ``report`` replaces this machine's crypto_mb probe."""
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}")
         if not 1 <= max_batch <= crypto_mb.LANES:
@@ -395,7 +446,8 @@ class BatchKeyProvider(KeyProvider):
         self._private = private_key
         self._poll_delay = poll_delay
         self._max_batch = max_batch
-        self._inline = inline
+        kind = key_type(private_key)
+        self._inline = execution == "inline" or (execution == "auto" and kind in INLINE_KEY_TYPES)
         self._limit = InFlightLimit(max_in_flight, sign_timeout)
         self._sign_timeout = sign_timeout
         self._closed = False
@@ -434,35 +486,40 @@ class BatchKeyProvider(KeyProvider):
             raise KeyProviderError(f"{self.provider_name}: the provider is closed")
         await self._limit.acquire()
         try:
-            return await asyncio.wait_for(self._sign_once(scheme, data), self._sign_timeout)
+            signer = self._signer
+            if signer is None:
+                return await self._sign_in_software(scheme, data)
+            # No per-operation timer: the queue times out whole batches.
+            result = await self._queue(signer).submit(signer.lane(scheme, data))
+            if isinstance(result, int):
+                # A lane the library refused: still a signature, from software.
+                self.lane_errors += 1
+                return await self._sign_in_software(scheme, data)
+            return signer.signature(result)
+        finally:
+            self._limit.release()
+
+    def _queue(self, signer: _RsaSigner | _EcdsaSigner) -> BatchQueue:
+        return queue_for(
+            self.plan.key_type,
+            signer.run,
+            self._max_batch,
+            self._poll_delay,
+            self._sign_timeout,
+            inline=self._inline,
+        )
+
+    async def _sign_in_software(self, scheme: int, data: bytes) -> bytes:
+        self.software_ops += 1
+        try:
+            if self._inline:
+                return sign(self._private, scheme, data)
+            work = asyncio.get_running_loop().run_in_executor(_worker(), sign, self._private, scheme, data)
+            return await asyncio.wait_for(work, self._sign_timeout)
         except TimeoutError:
             raise KeyProviderUnavailable(
                 f"{self.provider_name}: no signature within {self._sign_timeout:g} s"
             ) from None
-        finally:
-            self._limit.release()
-
-    async def _sign_once(self, scheme: int, data: bytes) -> bytes:
-        signer = self._signer
-        if signer is None:
-            return await self._sign_in_software(scheme, data)
-        queue = queue_for(
-            self.plan.key_type, signer.run, self._max_batch, self._poll_delay, inline=self._inline
-        )
-        result = await queue.submit(signer.lane(scheme, data))
-        if isinstance(result, int):
-            # A lane the library refused: still a signature, from software.
-            self.lane_errors += 1
-            return await self._sign_in_software(scheme, data)
-        return signer.signature(result)
-
-    async def _sign_in_software(self, scheme: int, data: bytes) -> bytes:
-        self.software_ops += 1
-        loop = asyncio.get_running_loop()
-        try:
-            if self._inline:
-                return sign(self._private, scheme, data)
-            return await loop.run_in_executor(_worker(), sign, self._private, scheme, data)
         except ValueError as exc:
             raise KeyProviderError(f"{self.provider_name}: {exc}") from None
 
@@ -476,17 +533,21 @@ class BatchKeyProvider(KeyProvider):
             "software_ops": self.software_ops,
             "max_batch": self._max_batch,
             "poll_delay_ms": self._poll_delay * 1000.0,
+            "execution": "inline" if self._inline else "thread",
         }
-        if self._signer is not None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
-            key = (self.plan.key_type, self._max_batch, self._poll_delay, self._inline)
-            queue = _queues.get(loop, {}).get(key) if loop is not None else None
-            if queue is not None:
-                out["queue"] = queue.stats.snapshot()
+        queue = self._current_queue()
+        if queue is not None:
+            out["queue"] = queue.stats.snapshot()
         return out
+
+    def _current_queue(self) -> BatchQueue | None:
+        """The running loop's queue for this key, if it has one yet."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        key = (self.plan.key_type, self._max_batch, self._poll_delay, self._sign_timeout, self._inline)
+        return _queues.get(loop, {}).get(key) if self._signer is not None else None
 
     def close(self) -> None:
         self._closed = True
@@ -552,6 +613,7 @@ def build_batch(config: PrivateKeyProviderConfig) -> BatchKeyProvider:
         "backend",
         "max_in_flight",
         "sign_timeout",
+        "execution",
     )
     key = _read_key(settings)
     poll_delay = parse_duration(
@@ -566,6 +628,7 @@ def build_batch(config: PrivateKeyProviderConfig) -> BatchKeyProvider:
             backend=settings.choice("backend", BACKENDS, "crypto_mb"),
             max_in_flight=settings.integer("max_in_flight", 1024, minimum=1, maximum=65536),
             sign_timeout=settings.number("sign_timeout", 5.0, minimum=0.001, maximum=60.0),
+            execution=settings.choice("execution", EXECUTIONS, "auto"),
         )
     except ProviderUnavailable as exc:
         raise ProviderUnavailable(settings.path, exc.message) from None
@@ -591,22 +654,37 @@ def _bench_key(kind: str) -> SigningKey:
         return rsa.generate_private_key(65537, int(kind[4:]))
     if kind == "P-256":
         return ec.generate_private_key(ec.SECP256R1())
-    if kind == "P-384":
-        return ec.generate_private_key(ec.SECP384R1())
-    raise ValueError(f"unknown key type {kind!r} (one of {', '.join(_BENCH_SCHEME)})")
+    return ec.generate_private_key(ec.SECP384R1())
 
 
-def _software_rate(key: SigningKey, scheme: int, seconds: float) -> float:
+@dataclass(frozen=True)
+class Rate:
+    """Operations done, wall time and process CPU time (all threads) spent."""
+
+    ops: int
+    wall: float
+    cpu: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "signs_per_s": round(self.ops / self.wall) if self.wall else 0.0,
+            # Per CPU-second of the whole process: what one core would do,
+            # and robust against other load on the machine.
+            "signs_per_cpu_s": round(self.ops / self.cpu) if self.cpu else 0.0,
+        }
+
+
+def _software_rate(key: SigningKey, scheme: int, seconds: float) -> Rate:
     count = 0
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     deadline = started + seconds
     while time.perf_counter() < deadline:
         sign(key, scheme, b"meshlet batch benchmark")
         count += 1
-    return count / (time.perf_counter() - started)
+    return Rate(count, time.perf_counter() - started, time.process_time() - cpu)
 
 
-async def _provider_rate(provider: BatchKeyProvider, scheme: int, seconds: float, concurrency: int) -> float:
+async def _provider_rate(provider: BatchKeyProvider, scheme: int, seconds: float, concurrency: int) -> Rate:
     done = 0
     deadline = time.perf_counter() + seconds
 
@@ -616,28 +694,37 @@ async def _provider_rate(provider: BatchKeyProvider, scheme: int, seconds: float
             await provider.sign(scheme, b"meshlet batch benchmark")
             done += 1
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return done / (time.perf_counter() - started)
+    return Rate(done, time.perf_counter() - started, time.process_time() - cpu)
 
 
 def measure(key_type: str, seconds: float = 2.0, *, concurrency: int = 64) -> dict[str, Any]:
-    """Signatures per second on one core: ``meshlet.batch`` (``concurrency``
-    signs in flight, mb8 calls in the worker thread and, for comparison,
-    inline on the loop) against ``cryptography`` signing one at a time.
-    Time is split evenly between the three runs. Not for use on a loop."""
+    """Signatures per second and per CPU-second: ``meshlet.batch`` with
+    ``concurrency`` signs in flight (mb8 calls in the worker thread, and
+    inline on the loop) against ``cryptography`` signing one at a time, all
+    in this run with the time split evenly. Not for use on a running loop."""
+    if key_type not in _BENCH_SCHEME:
+        raise ValueError(f"unknown key type {key_type!r} (one of {', '.join(_BENCH_SCHEME)})")
     key = _bench_key(key_type)
     scheme = _BENCH_SCHEME[key_type]
     part = seconds / 3
-    result: dict[str, Any] = {"key_type": key_type, "seconds": seconds, "concurrency": concurrency}
-    threaded = BatchKeyProvider(key, poll_delay=DEFAULT_POLL_DELAY)
-    result["path"] = "crypto_mb" if threaded.batched else "software"
-    result["reason"] = threaded.plan.reason
-    result["batch_signs_per_s"] = round(asyncio.run(_provider_rate(threaded, scheme, part, concurrency)))
-    result["batch_stats"] = {k: threaded.stats()[k] for k in ("software_ops", "lane_errors")}
-    inline = BatchKeyProvider(key, poll_delay=DEFAULT_POLL_DELAY, inline=True)
-    result["batch_inline_signs_per_s"] = round(asyncio.run(_provider_rate(inline, scheme, part, concurrency)))
-    result["cryptography_signs_per_s"] = round(_software_rate(key, scheme, part))
-    software = result["cryptography_signs_per_s"]
-    result["speedup"] = round(result["batch_signs_per_s"] / software, 2) if software else None
-    return result
+    threaded = BatchKeyProvider(key, execution="thread")
+    inline = BatchKeyProvider(key, execution="inline")
+    runs = {
+        "batch_thread": asyncio.run(_provider_rate(threaded, scheme, part, concurrency)).as_dict(),
+        "batch_inline": asyncio.run(_provider_rate(inline, scheme, part, concurrency)).as_dict(),
+        "cryptography": _software_rate(key, scheme, part).as_dict(),
+    }
+    baseline = runs["cryptography"]["signs_per_cpu_s"]
+    best = max(runs["batch_thread"]["signs_per_cpu_s"], runs["batch_inline"]["signs_per_cpu_s"])
+    return {
+        "key_type": key_type,
+        "path": "crypto_mb" if threaded.batched else "software",
+        "reason": threaded.plan.reason,
+        "seconds": seconds,
+        "concurrency": concurrency,
+        **runs,
+        "lane_errors": threaded.lane_errors + inline.lane_errors,
+        "speedup_per_cpu": round(best / baseline, 2) if baseline else None,
+    }

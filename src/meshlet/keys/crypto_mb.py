@@ -375,13 +375,32 @@ def _binding() -> CryptoMb:
 
 
 def _pointers(items: Sequence[Any]) -> ctypes.Array[ctypes.c_void_p]:
-    """An 8-entry pointer array; short batches repeat their first lane.
-
-    The library computes all eight lanes regardless and its conversion
-    routines read every lane, so filler lanes get valid inputs (the first
-    lane's) with their own output buffers, and their results are dropped."""
+    """An 8-entry pointer array to per-lane objects; short batches repeat
+    their first lane (see ``_Block``)."""
     filled = list(items) + [items[0]] * (LANES - len(items))
     return (ctypes.c_void_p * LANES)(*(ctypes.addressof(x) for x in filled))
+
+
+class _Block:
+    """Eight lanes' worth of one field in one buffer, with its pointer array.
+
+    One allocation per field rather than one per lane keeps the per-batch
+    cost small. The library computes all eight lanes regardless and its
+    conversion routines read every lane, so the lanes a short batch does not
+    use get valid inputs (copies of the first lane's) and their results are
+    dropped."""
+
+    __slots__ = ("buffer", "pointers", "stride")
+
+    def __init__(self, stride: int, lanes: Sequence[bytes] = ()) -> None:
+        self.stride = stride
+        if lanes:
+            data = b"".join(lanes) + lanes[0] * (LANES - len(lanes))
+            self.buffer = ctypes.create_string_buffer(data, len(data))
+        else:
+            self.buffer = ctypes.create_string_buffer(stride * LANES)
+        base = ctypes.addressof(self.buffer)
+        self.pointers = (ctypes.c_void_p * LANES)(*(base + i * stride for i in range(LANES)))
 
 
 Lane = RsaLane | EcdsaLane
@@ -426,19 +445,18 @@ class CryptoMb:
             raise ValueError(f"a batch has 1 to {LANES} lanes, not {len(lanes)}")
         bits = lanes[0].key.bits
         size = bits // 8
-        inputs = []
         for lane in lanes:
             if lane.key.bits != bits or len(lane.message) != size:
                 raise ValueError(
                     f"every lane of an RSA-{bits} batch needs an RSA-{bits} key and a {size}-byte input"
                 )
-            inputs.append(ctypes.create_string_buffer(lane.message, size))
-        outputs = [ctypes.create_string_buffer(size) for _ in range(LANES)]
+        inputs = _Block(size, [lane.message for lane in lanes])
+        outputs = _Block(size)
         method, scratch = self._rsa_method(bits)
         keys = [lane.key for lane in lanes]
         status = self._lib.mbx_rsa_private_crt_mb8(
-            _pointers(inputs),
-            _pointers(outputs),
+            inputs.pointers,
+            outputs.pointers,
             _pointers([k.p for k in keys]),
             _pointers([k.q for k in keys]),
             _pointers([k.dp for k in keys]),
@@ -449,7 +467,8 @@ class CryptoMb:
             scratch,
         )
         codes = lane_statuses(status)
-        return [codes[i] or outputs[i].raw for i in range(len(lanes))]
+        raw = outputs.buffer.raw
+        return [codes[i] or raw[i * size : (i + 1) * size] for i in range(len(lanes))]
 
     def ecdsa_sign(self, lanes: Sequence[EcdsaLane]) -> list[tuple[int, int] | int]:
         """ECDSA (r, s) for each lane (one curve throughout), or its nonzero status."""
@@ -457,27 +476,30 @@ class CryptoMb:
             raise ValueError(f"a batch has 1 to {LANES} lanes, not {len(lanes)}")
         curve = lanes[0].curve
         size, limbs = curve.size, curve.limbs
-        messages = []
-        nonces = []
         for lane in lanes:
             if lane.curve is not curve:
                 raise ValueError(f"every lane of a {curve.name} batch needs a {curve.name} key")
             if not 0 < lane.nonce < curve.order or not 0 <= lane.digest < curve.order:
                 raise ValueError(f"{curve.name} nonce or digest out of range")
-            messages.append(ctypes.create_string_buffer(lane.digest.to_bytes(size, "big"), size))
-            nonces.append(to_limbs(lane.nonce, limbs))
-        r_out = [ctypes.create_string_buffer(size) for _ in range(LANES)]
-        s_out = [ctypes.create_string_buffer(size) for _ in range(LANES)]
+        messages = _Block(size, [lane.digest.to_bytes(size, "big") for lane in lanes])
+        nonces = _Block(8 * limbs, [lane.nonce.to_bytes(8 * limbs, "little") for lane in lanes])
+        r_out = _Block(size)
+        s_out = _Block(size)
         status = getattr(self._lib, curve.sign_symbol)(
-            _pointers(r_out),
-            _pointers(s_out),
-            _pointers(messages),
-            _pointers(nonces),
+            r_out.pointers,
+            s_out.pointers,
+            messages.pointers,
+            nonces.pointers,
             _pointers([lane.private for lane in lanes]),
             None,
         )
         codes = lane_statuses(status)
+        r_all, s_all = r_out.buffer.raw, s_out.buffer.raw
         return [
-            codes[i] or (int.from_bytes(r_out[i].raw, "big"), int.from_bytes(s_out[i].raw, "big"))
+            codes[i]
+            or (
+                int.from_bytes(r_all[i * size : (i + 1) * size], "big"),
+                int.from_bytes(s_all[i * size : (i + 1) * size], "big"),
+            )
             for i in range(len(lanes))
         ]
