@@ -189,7 +189,10 @@ def start_meshlet_proxy(
     assert proxy.proc is not None
 
     def exchange(ctx: ssl.SSLContext) -> None:
-        response = https_get(port, ctx)
+        try:
+            response = https_get(port, ctx)
+        except ssl.SSLError as exc:
+            raise AssertionError(f"{exc}; proxy log:\n{proxy.log()}") from None
         assert response.startswith(b"HTTP/1.1 200"), response[:200]
         assert response.endswith(b"signed elsewhere")
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from meshlet.keys.keyserver.protocol import (
     FrameDecoder,
@@ -225,15 +225,15 @@ class _Connection(asyncio.Protocol):
         self._last_active = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
         try:
             self.peer = peer_credentials(transport.get_extra_info("socket"))
         except OSError:
-            transport.abort()
+            self.transport.abort()
             return
         if not self.server.admit(self.peer):
-            transport.abort()
+            self.transport.abort()
             return
         self.server.connections.add(self)
         self.server.counters["connections"] += 1
