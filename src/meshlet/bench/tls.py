@@ -16,7 +16,14 @@ one core; the clients run on the other core(s). Each row holds:
 - ``bulk_mb_per_s``: MB (10^6 bytes) of application data per second of wall
   time pushed through one connection (a stdlib ``ssl`` client sends
   ``bulk_mb`` MB; the server discards it and answers once all arrived);
-  ``bulk_cpu_mb_per_s``: the same MB per second of the server's CPU time.
+  ``bulk_cpu_mb_per_s``: the same MB per second of the server's CPU time;
+- ``bulk_send_mb_per_s`` / ``bulk_send_cpu_mb_per_s``: the same, the other
+  way (the server writes ``bulk_mb`` MB under its transport's flow control,
+  the client reads them).
+
+Wall-time figures move with whatever else runs on the machine; the CPU-based
+ones (``cpu_us_*``, ``*_cpu_mb_per_s``) much less, so they are the ones to
+compare engines by. ``load_avg_1m`` records how busy the machine was.
 
 Everything started here is stopped here; every phase is bounded in time.
 """
@@ -24,6 +31,7 @@ Everything started here is stopped here; every phase is bounded in time.
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import shutil
 import socket
@@ -268,28 +276,62 @@ def client_context() -> ssl.SSLContext:
 
 
 def run_bulk(server: ServerUnderTest, total_bytes: int, deadline_s: float) -> BulkResult:
-    """Push ``total_bytes`` through one TLS connection and wait for the server's DONE."""
+    """Upload: push ``total_bytes`` through one TLS connection and wait for the server's DONE."""
     chunk = memoryview(bytes(range(256)) * (BULK_CHUNK // 256))
     deadline = time.monotonic() + deadline_s
-    with socket.create_connection((LOOPBACK, server.port), timeout=IO_TIMEOUT) as raw, \
-            client_context().wrap_socket(raw, server_hostname="meshlet-bench") as tls:
-        cipher = (tls.cipher() or ("",))[0]
+    with _connect(server) as tls:
         tls.sendall(f"BULK {total_bytes}\n".encode())
         cpu_before = cpu_seconds(server.child.pid)
         started = time.monotonic()
         left = total_bytes
         while left > 0:
-            if time.monotonic() > deadline:
-                raise ChildError(f"bulk transfer did not finish within {deadline_s:.0f} s")
+            _check_deadline(deadline, deadline_s)
             piece = chunk if left >= len(chunk) else chunk[:left]
             tls.sendall(piece)
             left -= len(piece)
         reply = _read_reply(tls, deadline)
         wall = time.monotonic() - started
         cpu = cpu_seconds(server.child.pid) - cpu_before
+        cipher = (tls.cipher() or ("",))[0]
     if reply != b"DONE\n":
         raise ChildError(f"{server.engine} server answered {reply[:40]!r} after the bulk transfer")
     return BulkResult(total_bytes / MB, wall, cpu, cipher)
+
+
+def run_download(server: ServerUnderTest, total_bytes: int, deadline_s: float) -> BulkResult:
+    """Download: ask the server for ``total_bytes`` over one TLS connection and read them all."""
+    buffer = bytearray(BULK_CHUNK)
+    deadline = time.monotonic() + deadline_s
+    with _connect(server) as tls:
+        cpu_before = cpu_seconds(server.child.pid)
+        started = time.monotonic()
+        tls.sendall(f"SEND {total_bytes}\n".encode())
+        left = total_bytes
+        while left > 0:
+            _check_deadline(deadline, deadline_s)
+            got = tls.recv_into(buffer, min(left, BULK_CHUNK))
+            if not got:
+                got_so_far = total_bytes - left
+                raise ChildError(f"{server.engine} server closed after {got_so_far} of {total_bytes} bytes")
+            left -= got
+        wall = time.monotonic() - started
+        cpu = cpu_seconds(server.child.pid) - cpu_before
+        cipher = (tls.cipher() or ("",))[0]
+    return BulkResult(total_bytes / MB, wall, cpu, cipher)
+
+
+def _connect(server: ServerUnderTest) -> ssl.SSLSocket:
+    raw = socket.create_connection((LOOPBACK, server.port), timeout=IO_TIMEOUT)
+    try:
+        return client_context().wrap_socket(raw, server_hostname="meshlet-bench")
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _check_deadline(deadline: float, deadline_s: float) -> None:
+    if time.monotonic() > deadline:
+        raise ChildError(f"bulk transfer did not finish within {deadline_s:.0f} s")
 
 
 def _read_reply(tls: ssl.SSLSocket, deadline: float) -> bytes:
@@ -313,6 +355,8 @@ class TlsMeasurement:
     full: HandshakePhase
     resumed: HandshakePhase
     bulk: BulkResult
+    send: BulkResult
+    load_avg: float
 
 
 def measure(server: ServerUnderTest, opts: TlsBenchOptions, plan: CpuPlan, workdir: Path,
@@ -329,14 +373,19 @@ def measure(server: ServerUnderTest, opts: TlsBenchOptions, plan: CpuPlan, workd
     resumed = run_handshakes(server, resumed=True, seconds=opts.handshake_s, clients=clients,
                              cpus=plan.load, workdir=workdir)
     progress(f"{name}: {resumed.per_s:.0f} resumed handshakes/s; bulk {opts.bulk_mb} MB over one connection")
+    deadline_s = max(60.0, float(opts.bulk_mb))
     with pinned(plan.load):
-        bulk = run_bulk(server, opts.bulk_mb * MB, deadline_s=max(60.0, opts.bulk_mb))
-    progress(f"{name}: {bulk.mb_per_s:.0f} MB/s ({bulk.cpu_mb_per_s:.0f} MB per server CPU second)")
-    return TlsMeasurement(full, resumed, bulk)
+        bulk = run_bulk(server, opts.bulk_mb * MB, deadline_s)
+        progress(f"{name}: {bulk.mb_per_s:.0f} MB/s in ({bulk.cpu_mb_per_s:.0f} MB per server CPU second); "
+                 f"{opts.bulk_mb} MB out")
+        send = run_download(server, opts.bulk_mb * MB, deadline_s)
+    progress(f"{name}: {send.mb_per_s:.0f} MB/s out ({send.cpu_mb_per_s:.0f} MB per server CPU second)")
+    server.child.check_alive()
+    return TlsMeasurement(full, resumed, bulk, send, os.getloadavg()[0])
 
 
 def to_row(engine: str, key: str, m: TlsMeasurement, opts: TlsBenchOptions, plan: CpuPlan) -> dict[str, Any]:
-    full, resumed, bulk = m.full, m.resumed, m.bulk
+    full, resumed, bulk, send = m.full, m.resumed, m.bulk, m.send
     return {
         "engine": engine,
         "key": key,
@@ -346,6 +395,8 @@ def to_row(engine: str, key: str, m: TlsMeasurement, opts: TlsBenchOptions, plan
         "cpu_us_per_resumed_handshake": round(resumed.cpu_us_each, 1),
         "bulk_mb_per_s": round(bulk.mb_per_s, 1),
         "bulk_cpu_mb_per_s": round(bulk.cpu_mb_per_s, 1),
+        "bulk_send_mb_per_s": round(send.mb_per_s, 1),
+        "bulk_send_cpu_mb_per_s": round(send.cpu_mb_per_s, 1),
         "cipher": bulk.cipher,
         "full_handshakes": full.connections,
         "resumed_handshakes": resumed.connections,
@@ -357,6 +408,9 @@ def to_row(engine: str, key: str, m: TlsMeasurement, opts: TlsBenchOptions, plan
         "bulk_mb": round(bulk.mb, 1),
         "bulk_wall_s": round(bulk.wall_s, 3),
         "bulk_server_cpu_s": round(bulk.server_cpu_s, 3),
+        "bulk_send_wall_s": round(send.wall_s, 3),
+        "bulk_send_server_cpu_s": round(send.server_cpu_s, 3),
+        "load_avg_1m": round(m.load_avg, 2),
         "cores": len(plan.proxy),
         "machine_cores": plan.machine_cores,
         "shared_core": plan.shared,
@@ -374,7 +428,8 @@ def bench_one(engine: str, key: str, files: KeyFiles, opts: TlsBenchOptions, pla
 
 
 RATIO_METRICS = ("full_handshakes_per_s", "resumed_handshakes_per_s", "cpu_us_per_handshake",
-                 "bulk_mb_per_s", "bulk_cpu_mb_per_s")
+                 "cpu_us_per_resumed_handshake", "bulk_mb_per_s", "bulk_cpu_mb_per_s",
+                 "bulk_send_mb_per_s", "bulk_send_cpu_mb_per_s")
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

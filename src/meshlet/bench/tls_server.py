@@ -12,7 +12,9 @@ After the handshake the connection speaks a tiny protocol:
   then close; reading the reply is what makes a TLS 1.3 client take the
   session ticket that ``s_time -reuse`` resumes with;
 - ``BULK <n>\\n`` then ``n`` bytes: the bytes are discarded, and ``DONE\\n``
-  is written once all ``n`` arrived (the end mark of the bulk measurement);
+  is written once all ``n`` arrived (the end mark of the upload measurement);
+- ``SEND <n>\\n``: the server writes ``n`` bytes as fast as the transport's
+  flow control lets it (the download measurement);
 - anything else, or no request at all: the connection is closed.
 """
 
@@ -38,6 +40,8 @@ HTTP_REPLY = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n
 MAX_REQUEST_LINE = 64
 MAX_BULK_BYTES = 1 << 40
 HANDSHAKE_TIMEOUT = 10.0
+SEND_CHUNK = 1 << 18
+SEND_PAYLOAD = bytes(range(256)) * (SEND_CHUNK // 256)
 BACKLOG = 1024
 
 
@@ -70,12 +74,14 @@ def build_factory(engine: str, context: TlsContext) -> TransportSocketFactory:
 class BenchApp(asyncio.Protocol):
     """The plaintext side: answers GET, sinks BULK, closes on anything else."""
 
-    __slots__ = ("_head", "_remaining", "_transport")
+    __slots__ = ("_head", "_paused", "_remaining", "_to_send", "_transport")
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
         self._head = b""
         self._remaining = -1  # bytes of BULK payload still expected; -1: no request yet
+        self._to_send = 0  # bytes of a SEND still to write
+        self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -109,12 +115,17 @@ class BenchApp(asyncio.Protocol):
             return
         self._head = b""
         parts = head[:end].split()
-        if len(parts) != 2 or parts[0] != b"BULK" or not parts[1].isdigit():
+        if len(parts) != 2 or parts[0] not in (b"BULK", b"SEND") or not parts[1].isdigit():
             self._close()
             return
         total = int(parts[1])
         if not 0 < total <= MAX_BULK_BYTES:
             self._close()
+            return
+        if parts[0] == b"SEND":
+            self._remaining = 0
+            self._to_send = total
+            self._send_more()
             return
         self._remaining = total
         rest = head[end + 1:]
@@ -127,6 +138,20 @@ class BenchApp(asyncio.Protocol):
             self._close()  # more than announced: a broken client
             return
         self._reply(b"DONE\n")
+
+    def _send_more(self) -> None:
+        transport = self._transport
+        while self._to_send > 0 and not self._paused and transport is not None:
+            size = min(self._to_send, SEND_CHUNK)
+            transport.write(SEND_PAYLOAD if size == SEND_CHUNK else SEND_PAYLOAD[:size])
+            self._to_send -= size
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._send_more()
 
     def _reply(self, data: bytes) -> None:
         if self._transport is not None:

@@ -19,6 +19,8 @@ from meshlet.cli.lazy import LazyCommand, LazyGroup
 EXPERIMENTS: dict[str, LazyCommand] = {
     "regex": LazyCommand("meshlet.cli.bench_regex:regex_bench",
                          "Regex route matching per engine: selection ns and proxy req/s."),
+    "tls": LazyCommand("meshlet.cli.bench_tls:tls_bench",
+                       "TLS engines side by side: handshakes/s, CPU per handshake, bulk MB/s."),
 }
 
 
