@@ -9,6 +9,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2 as ec
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
+from envoy.type.v3 import percent_pb2
 
 from meshlet.config.address import compile_address
 from meshlet.config.extensions import type_url_of, unpack_any
@@ -23,6 +24,7 @@ from meshlet.config.fields import (
     model_default,
     wrapped,
 )
+from meshlet.config.health import compile_circuit_breakers, compile_health_checks, compile_outlier_detection
 from meshlet.config.model import (
     Cluster,
     ClusterLoadAssignment,
@@ -31,12 +33,15 @@ from meshlet.config.model import (
     HealthStatus,
     Http2Settings,
     LbPolicy,
+    LbSettings,
     LocalityEndpoints,
+    SlowStartConfig,
     UpstreamProtocol,
 )
 from meshlet.config.protocol import check_http1_options, common_options, compile_http2_settings
 from meshlet.config.tls import compile_transport_socket
 from meshlet.errors import ConfigError, UnsupportedConfig
+from meshlet.proxy.upstream.hashing import is_prime
 
 allow_fields(
     cluster_pb2.Cluster,
@@ -52,7 +57,33 @@ allow_fields(
     "dns_lookup_family",
     "respect_dns_ttl",
     "per_connection_buffer_limit_bytes",
+    "health_checks",
+    "outlier_detection",
+    "circuit_breakers",
+    "common_lb_config",
+    "round_robin_lb_config",
+    "least_request_lb_config",
+    "ring_hash_lb_config",
+    "maglev_lb_config",
 )
+_C = cluster_pb2.Cluster
+allow_fields(_C.CommonLbConfig, "healthy_panic_threshold", "locality_weighted_lb_config")
+allow_fields(_C.RoundRobinLbConfig, "slow_start_config")
+allow_fields(_C.LeastRequestLbConfig, "choice_count", "active_request_bias", "slow_start_config")
+allow_fields(_C.RingHashLbConfig, "minimum_ring_size", "maximum_ring_size", "hash_function")
+allow_fields(_C.MaglevLbConfig, "table_size")
+allow_fields(_C.SlowStartConfig, "slow_start_window", "aggression", "min_weight_percent")
+# meshlet has no runtime layer: a runtime_key (Envoy requires one) is accepted
+# and the default_value is what applies.
+allow_fields(base_pb2.RuntimeDouble, "default_value", "runtime_key")
+allow_fields(percent_pb2.Percent, "value")
+# Which *_lb_config goes with which lb_policy.
+_POLICY_CONFIG = {
+    "round_robin_lb_config": LbPolicy.ROUND_ROBIN,
+    "least_request_lb_config": LbPolicy.LEAST_REQUEST,
+    "ring_hash_lb_config": LbPolicy.RING_HASH,
+    "maglev_lb_config": LbPolicy.MAGLEV,
+}
 allow_fields(endpoint_pb2.ClusterLoadAssignment, "cluster_name", "endpoints")
 allow_fields(ec.LocalityLbEndpoints, "locality", "lb_endpoints", "load_balancing_weight", "priority")
 allow_fields(ec.LbEndpoint, "endpoint", "health_status", "load_balancing_weight")
@@ -86,7 +117,7 @@ def compile_cluster(msg: Any, path: str) -> Cluster:
     if not msg.name:
         raise ConfigError(join(path, "name"), "is required")
     discovery = DiscoveryType(check_enum(msg, "type", path, ("STATIC", "STRICT_DNS")))
-    lb_policy = LbPolicy(check_enum(msg, "lb_policy", path, ("ROUND_ROBIN",)))
+    lb_policy = LbPolicy(check_enum(msg, "lb_policy", path, [p.value for p in LbPolicy]))
     connect_timeout = duration_field(msg, "connect_timeout", path, _DEFAULT_CONNECT_TIMEOUT)
     if connect_timeout is None:
         raise ConfigError(join(path, "connect_timeout"), "must be greater than 0")
@@ -110,6 +141,7 @@ def compile_cluster(msg: Any, path: str) -> Cluster:
     if refresh is None:
         raise ConfigError(join(path, "dns_refresh_rate"), "must be greater than 0")
     extras: dict[str, Any] = {} if transport is None else {"transport_socket": transport}
+    extras.update(_health(msg, path))
     return Cluster(
         name=msg.name,
         discovery=discovery,
@@ -120,9 +152,127 @@ def compile_cluster(msg: Any, path: str) -> Cluster:
         dns_refresh_rate=refresh,
         dns_lookup_family=_dns_family(msg, path),
         respect_dns_ttl=msg.respect_dns_ttl,
+        lb=compile_lb_settings(msg, path, lb_policy),
         **_protocol_options(msg, path),
         **extras,
     )
+
+
+def _health(msg: Any, path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if msg.health_checks:
+        out["health_checks"] = compile_health_checks(msg.health_checks, join(path, "health_checks"))
+    if msg.HasField("outlier_detection"):
+        out["outlier_detection"] = compile_outlier_detection(
+            msg.outlier_detection, join(path, "outlier_detection")
+        )
+    if msg.HasField("circuit_breakers"):
+        breakers_path = join(path, "circuit_breakers")
+        out["circuit_breakers"] = compile_circuit_breakers(msg.circuit_breakers, breakers_path)
+    return out
+
+
+def compile_lb_settings(msg: Any, path: str, policy: LbPolicy) -> LbSettings:
+    """common_lb_config and the ``*_lb_config`` of the cluster's policy."""
+    values: dict[str, Any] = {}
+    for name, owner in _POLICY_CONFIG.items():
+        if msg.HasField(name) and owner is not policy:
+            raise ConfigError(join(path, name), f"applies to lb_policy {owner.value}, not {policy.value}")
+    if msg.HasField("common_lb_config"):
+        values.update(_common_lb(msg.common_lb_config, join(path, "common_lb_config")))
+    if msg.HasField("round_robin_lb_config"):
+        values.update(_slow_start_of(msg.round_robin_lb_config, join(path, "round_robin_lb_config")))
+    if msg.HasField("least_request_lb_config"):
+        values.update(_least_request(msg.least_request_lb_config, join(path, "least_request_lb_config")))
+    if msg.HasField("ring_hash_lb_config"):
+        values.update(_ring_hash(msg.ring_hash_lb_config, join(path, "ring_hash_lb_config")))
+    if msg.HasField("maglev_lb_config"):
+        values.update(_maglev(msg.maglev_lb_config, join(path, "maglev_lb_config")))
+    return LbSettings(**values)
+
+
+def _percent(msg: Any, path: str) -> float:
+    check_fields(msg, path)
+    if not 0.0 <= msg.value <= 100.0:
+        raise ConfigError(join(path, "value"), "must be between 0 and 100")
+    return float(msg.value)
+
+
+def _common_lb(msg: Any, path: str) -> dict[str, Any]:
+    check_fields(msg, path)
+    out: dict[str, Any] = {}
+    if msg.HasField("healthy_panic_threshold"):
+        threshold_path = join(path, "healthy_panic_threshold")
+        out["healthy_panic_threshold"] = _percent(msg.healthy_panic_threshold, threshold_path)
+    if msg.HasField("locality_weighted_lb_config"):
+        check_fields(msg.locality_weighted_lb_config, join(path, "locality_weighted_lb_config"))
+        out["locality_weighted"] = True
+    return out
+
+
+def _runtime_double(msg: Any, path: str) -> float:
+    check_fields(msg, path)
+    return float(msg.default_value)
+
+
+def _slow_start_of(msg: Any, path: str) -> dict[str, Any]:
+    check_fields(msg, path)
+    if not msg.HasField("slow_start_config"):
+        return {}
+    cfg_path = join(path, "slow_start_config")
+    cfg = msg.slow_start_config
+    check_fields(cfg, cfg_path)
+    window = duration_field(cfg, "slow_start_window", cfg_path, None)
+    if window is None:
+        raise ConfigError(join(cfg_path, "slow_start_window"), "is required and must be greater than 0")
+    aggression = 1.0
+    if cfg.HasField("aggression"):
+        aggression = _runtime_double(cfg.aggression, join(cfg_path, "aggression"))
+        if aggression <= 0:
+            raise ConfigError(join(cfg_path, "aggression"), "must be greater than 0")
+    min_weight = 10.0
+    if cfg.HasField("min_weight_percent"):
+        min_weight = _percent(cfg.min_weight_percent, join(cfg_path, "min_weight_percent"))
+    return {"slow_start": SlowStartConfig(window, aggression, min_weight)}
+
+
+def _least_request(msg: Any, path: str) -> dict[str, Any]:
+    out = _slow_start_of(msg, path)
+    choice_count = wrapped(msg, "choice_count", 2)
+    if choice_count < 2:
+        raise ConfigError(join(path, "choice_count"), "must be at least 2")
+    out["choice_count"] = choice_count
+    if msg.HasField("active_request_bias"):
+        bias = _runtime_double(msg.active_request_bias, join(path, "active_request_bias"))
+        if bias < 0:
+            raise ConfigError(join(path, "active_request_bias"), "must not be negative")
+        out["active_request_bias"] = bias
+    return out
+
+
+_RING_LIMIT = 8 * 1024 * 1024
+
+
+def _ring_hash(msg: Any, path: str) -> dict[str, Any]:
+    check_fields(msg, path)
+    check_enum(msg, "hash_function", path, ("XX_HASH",))
+    minimum = wrapped(msg, "minimum_ring_size", 1024)
+    maximum = wrapped(msg, "maximum_ring_size", _RING_LIMIT)
+    if not 1 <= minimum <= _RING_LIMIT:
+        raise ConfigError(join(path, "minimum_ring_size"), f"must be between 1 and {_RING_LIMIT}")
+    if not minimum <= maximum <= _RING_LIMIT:
+        raise ConfigError(
+            join(path, "maximum_ring_size"), f"must be between minimum_ring_size and {_RING_LIMIT}"
+        )
+    return {"ring_min_size": minimum, "ring_max_size": maximum}
+
+
+def _maglev(msg: Any, path: str) -> dict[str, Any]:
+    check_fields(msg, path)
+    size = wrapped(msg, "table_size", 65537)
+    if size > 5000011 or not is_prime(size):
+        raise ConfigError(join(path, "table_size"), "must be a prime number no larger than 5000011")
+    return {"maglev_table_size": size}
 
 
 def _dns_family(msg: Any, path: str) -> Any:
