@@ -286,3 +286,14 @@ async def test_mtls_handshake_with_openssl_s_client(
     finally:
         served.server.close()
         factory.config.key.close()  # type: ignore[union-attr]
+
+
+async def test_a_second_server_does_not_steal_a_live_socket(
+    keyserver: tuple[KeyServer, Path], tmp_path: Path
+) -> None:
+    _, path = keyserver
+    second = KeyServer(KeyStore(tmp_path / "other-keys"))
+    with pytest.raises(OSError, match="another key server is serving on"):
+        await second.start(path)
+    await second.close()
+    assert (await ask(path, ListRequest(1)))[0] is Status.OK

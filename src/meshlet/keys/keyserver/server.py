@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -113,6 +114,8 @@ class KeyServer:
 
     async def start(self, socket_path: Path) -> None:
         loop = asyncio.get_running_loop()
+        if _socket_is_live(socket_path):
+            raise OSError(errno.EADDRINUSE, f"another key server is serving on {socket_path}")
         _remove_stale_socket(socket_path)
         self._server = await loop.create_unix_server(lambda: _Connection(self), str(socket_path))
         # Other uids on the allow-list must be able to connect; SO_PEERCRED
@@ -337,6 +340,16 @@ async def run_key_server(
     finally:
         await server.close()
         _remove_stale_socket(socket_path)
+
+
+def _socket_is_live(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+        return True
 
 
 def _remove_stale_socket(path: Path) -> None:
