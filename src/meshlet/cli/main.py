@@ -21,6 +21,7 @@ COMMANDS: dict[str, LazyCommand] = {
     "proxy": LazyCommand("meshlet.cli.proxy:proxy", "Run the proxy on an Envoy v3 bootstrap file."),
     "demo": LazyCommand("meshlet.cli.demo:demo", "Run the sample app behind the proxy and show it working."),
     "bench": LazyCommand("meshlet.cli.bench:bench", "Run a benchmark experiment (meshlet bench --help)."),
+    "doctor": LazyCommand("meshlet.cli.doctor:doctor", "Check Python, event loop, regex engines, crypto_mb."),
     "keyserver": LazyCommand("meshlet.cli.keyserver:keyserver", "Run the key server; manage its keys."),
 }
 

@@ -84,6 +84,7 @@ __all__ = [
     "measure",
     "parse_duration",
     "plan",
+    "plan_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,8 @@ class Plan:
     reason: str
 
 
-def plan(key: SigningKey, backend: str = "crypto_mb", report: crypto_mb.Probe | None = None) -> Plan:
-    kind = key_type(key)
+def plan_for(kind: str, backend: str = "crypto_mb", report: crypto_mb.Probe | None = None) -> Plan:
+    """The path keys of type ``kind`` (``key_type``'s names) take on this machine."""
     if backend == "software":
         return Plan(kind, False, "software backend chosen by the 'backend' setting")
     report = report if report is not None else crypto_mb.probe()
@@ -143,12 +144,18 @@ def plan(key: SigningKey, backend: str = "crypto_mb", report: crypto_mb.Probe | 
         return Plan(kind, False, f"crypto_mb does not batch {kind} keys (RSA-2048/3072/4096, P-256, P-384)")
     if not report.supports(kind):
         return Plan(kind, False, f"crypto_mb reports {kind} unsupported on this CPU")
-    if isinstance(key, rsa.RSAPrivateKey):
+    return Plan(kind, True, f"crypto_mb applies: AVX-512 IFMA present and enabled, {kind} supported")
+
+
+def plan(key: SigningKey, backend: str = "crypto_mb", report: crypto_mb.Probe | None = None) -> Plan:
+    """The path this key's signatures take, and why."""
+    chosen = plan_for(key_type(key), backend, report)
+    if chosen.batched and isinstance(key, rsa.RSAPrivateKey):
         numbers = key.private_numbers()
         half = key.key_size // 2
         if numbers.p.bit_length() != half or numbers.q.bit_length() != half:
-            return Plan(kind, False, f"crypto_mb needs both RSA primes of {half} bits")
-    return Plan(kind, True, f"{kind} signatures are batched on crypto_mb ({report.reason})")
+            return Plan(chosen.key_type, False, f"crypto_mb needs both RSA primes of {half} bits")
+    return chosen
 
 
 # --------------------------------------------------------------------------- #
