@@ -203,7 +203,8 @@ health_checks:
             "required",
         ),
         (
-            "{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, grpc_health_check: {}}",
+            "{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1,"
+            " grpc_health_check: {}}",
             "grpc_health_check",
             "not supported",
         ),

@@ -1126,10 +1126,14 @@ def test_legacy_cluster_http2_protocol_options() -> None:
 @pytest.mark.parametrize(
     ("change", "path", "message"),
     [
-        ({"lb_policy": "MAGLEV"}, "lb_policy", "MAGLEV is not supported yet"),
+        ({"lb_policy": "CLUSTER_PROVIDED"}, "lb_policy", "CLUSTER_PROVIDED is not supported yet"),
         ({"type": "EDS"}, "type", "EDS is not supported yet"),
-        ({"health_checks": [{"timeout": "1s"}]}, "health_checks", "health_checks is not supported yet"),
-        ({"circuit_breakers": {}}, "circuit_breakers", "circuit_breakers is not supported yet"),
+        ({"health_checks": [{"timeout": "1s"}]}, "health_checks[0]", "one of http_health_check"),
+        (
+            {"circuit_breakers": {"per_host_thresholds": [{}]}},
+            "circuit_breakers.per_host_thresholds",
+            "per_host_thresholds is not supported yet",
+        ),
         ({"connect_timeout": "0s"}, "connect_timeout", "must be greater than 0"),
         ({"load_assignment": None}, "load_assignment", "is required for a STATIC cluster"),
         ({"name": ""}, "name", "is required"),
