@@ -424,6 +424,66 @@ async def test_openssl_s_client_verifies_a_batched_rsa_pss_signature(tmp_path: P
     assert provider.stats()["ops"] == 1 and provider.stats()["path"] == "crypto_mb"
 
 
+def ensure_registered() -> None:
+    """``meshlet.batch`` under its registry name (``meshlet.keys`` lists it lazily)."""
+    import meshlet.keys  # noqa: F401 - registers the other providers
+    from meshlet.registry import registry
+
+    if "meshlet.batch" not in registry.names("key_provider"):
+        registry.register("key_provider", "meshlet.batch", build_batch)
+
+
+@needs_crypto_mb
+@pytest.mark.interop
+async def test_batch_provider_from_envoy_config(tmp_path: Path) -> None:
+    from meshlet.config.loader import parse_resource
+    from meshlet.config.tls import compile_transport_socket
+    from meshlet.proxy.listeners.transport_sockets import make_factory
+
+    ensure_registered()
+    pki = MiniPki.create(tmp_path)
+    leaf = pki.issue("server", "p384")
+    settings = {"key": str(leaf.key_file), "poll_delay": "0.2ms", "max_batch": 8, "software_fallback": False}
+    data = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(leaf.cert_file)},
+                        "private_key_provider": {
+                            "provider_name": "meshlet.batch",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/xds.type.v3.TypedStruct",
+                                "value": settings,
+                            },
+                        },
+                    }
+                ]
+            },
+        },
+    }
+    compiled = compile_transport_socket(
+        parse_resource("type.googleapis.com/envoy.config.core.v3.TransportSocket", data),
+        "transport_socket",
+        server_side=True,
+    )
+    factory = make_factory(compiled, default_engine="meshlet")
+    assert isinstance(factory, MeshletTlsSocketFactory)
+    provider = factory.config.key
+    assert isinstance(provider, BatchKeyProvider)
+    served = await meshlet_serve(factory, lambda info: Echo(info))
+    try:
+        ctx = client_context(pki)
+        replies = await asyncio.gather(*(stdlib_round_trip(served.port, ctx, b"envoy\n") for _ in range(4)))
+        assert replies == [b"envoy\n"] * 4
+    finally:
+        served.server.close()
+    stats = provider.stats()
+    assert stats["path"] == "crypto_mb" and stats["key_type"] == "P-384" and stats["ops"] == 4
+
+
 # --------------------------------------------------------------------------- #
 # The micro-benchmark
 # --------------------------------------------------------------------------- #
