@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +12,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from meshlet.config import context
+from meshlet.config import fault as _fault  # noqa: F401  (registers envoy.filters.http.fault)
+from meshlet.config import ratelimit as _ratelimit  # noqa: F401  (registers local_ratelimit)
 from meshlet.config.access_log import compile_access_logs
 from meshlet.config.extensions import compile_extension, resolve_extension, type_url_of
 from meshlet.config.fields import allow_fields, check_enum, check_fields, duration_field, index, join, wrapped
@@ -75,7 +78,9 @@ def compile_http_connection_manager(msg: Any, path: str) -> HttpConnectionManage
     if not msg.HasField("route_config"):
         raise ConfigError(join(path, "route_config"), "is required (rds is not supported yet)")
     route_config = compile_route_configuration(msg.route_config, join(path, "route_config"))
-    filters = compile_http_filters(msg.http_filters, join(path, "http_filters"))
+    filters = _with_stat_prefix(
+        compile_http_filters(msg.http_filters, join(path, "http_filters")), msg.stat_prefix
+    )
     timeouts = _hcm_timeouts(msg, path)
     connection: dict[str, Any] = {}
     if msg.HasField("common_http_protocol_options"):
@@ -163,6 +168,18 @@ def compile_http_filters(filters: Sequence[Any], path: str) -> tuple[HttpFilterC
         type_url = f.typed_config.type_url if f.HasField("typed_config") else next(iter(ext.type_urls), "")
         compiled.append(HttpFilterConfig(name=f.name, type_url=type_url, config=config, disabled=f.disabled))
     return tuple(compiled)
+
+
+def _with_stat_prefix(
+    filters: tuple[HttpFilterConfig, ...], stat_prefix: str
+) -> tuple[HttpFilterConfig, ...]:
+    """Filters whose stats live under ``http.<stat_prefix>.`` (the fault filter)
+    learn the connection manager's prefix here."""
+    updated = []
+    for f in filters:
+        scoped = getattr(f.config, "for_connection_manager", None)
+        updated.append(dataclasses.replace(f, config=scoped(stat_prefix)) if scoped is not None else f)
+    return tuple(updated)
 
 
 def _router(msg: Any, path: str) -> RouterFilterConfig:

@@ -8,6 +8,7 @@ flag) lives.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -39,6 +40,9 @@ class ProxyRuntime:
         # Set by the Proxy right after construction (upstream owns the type).
         self.clusters: ClusterManager | None = None
         self._next_connection_id = 0
+        # The one source of randomness for traffic decisions (weighted
+        # clusters, retries' jitter, faults, mirrors): tests seed it.
+        self.random = random.Random()
 
     def next_connection_id(self) -> int:
         self._next_connection_id += 1

@@ -11,10 +11,21 @@ response has started, and a stream reset after.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from meshlet.config.model import ClusterAction, DirectResponseAction, HttpFilterConfig, RedirectAction, Route
+from meshlet.config.model import (
+    DEFAULT_REQUEST_BUFFER_LIMIT,
+    ClusterAction,
+    DirectResponseAction,
+    HttpFilterConfig,
+    RedirectAction,
+    RetryPolicy,
+    Route,
+    WeightedCluster,
+)
 from meshlet.proxy.filters.base import (
     ROUTER_NAME,
     ROUTER_TYPE_URL,
@@ -22,6 +33,19 @@ from meshlet.proxy.filters.base import (
     RouteStats,
     TerminalFilter,
     register_http_filter,
+)
+from meshlet.proxy.filters.mirror import Mirror
+from meshlet.proxy.filters.retry import (
+    CONNECT_FAILURE,
+    OVERFLOW,
+    PER_TRY_TIMEOUT,
+    REFUSED_STREAM,
+    RESET,
+    ReplayBody,
+    RetryState,
+    RetryStats,
+    request_policy,
+    set_header,
 )
 from meshlet.proxy.http.local_reply import (
     CLUSTER_NOT_FOUND,
@@ -36,7 +60,7 @@ from meshlet.proxy.http.local_reply import (
     reset_reason,
     upstream_reset,
 )
-from meshlet.proxy.http.stream import BodyStream, RequestHead, StreamReset, UpstreamResponse
+from meshlet.proxy.http.stream import BodyStream, RequestHead, ResponseHead, StreamReset, UpstreamResponse
 from meshlet.proxy.observe.access_log import ResponseFlag
 from meshlet.proxy.routing import apply_header_mutation, redirect_location, request_mutations, rewrite_path
 from meshlet.proxy.upstream.cluster import ClusterRuntime, Host
@@ -47,6 +71,7 @@ if TYPE_CHECKING:
 
 ROUTE_TIMEOUT = "route"
 IDLE_TIMEOUT = "idle"
+ATTEMPT_COUNT = "x-envoy-attempt-count"
 # While a request body is still arriving, how often the watchdog looks at it.
 _UPLOAD_CHECK = 1.0
 
@@ -149,7 +174,7 @@ class Watchdog:
 
 
 def upgrade_type(head: RequestHead) -> str:
-    """"websocket" etc. for upgrade requests (HTTP/1.1 Upgrade or HTTP/2
+    """ "websocket" etc. for upgrade requests (HTTP/1.1 Upgrade or HTTP/2
     extended CONNECT), "connect" for plain CONNECT, "" otherwise."""
     if head.method == "CONNECT":
         return head.protocol.lower() if head.protocol else "connect"
@@ -164,12 +189,33 @@ def request_body(body: BodyStream) -> BodyStream | None:
     return body
 
 
+def pick_weighted(
+    clusters: tuple[WeightedCluster, ...], total: int, draw: Callable[[int], int]
+) -> WeightedCluster:
+    """One of ``clusters`` with probability weight / total."""
+    point = draw(total)
+    for entry in clusters:
+        point -= entry.weight
+        if point < 0:
+            return entry
+    return clusters[-1]
+
+
 class Router(TerminalFilter):
     name = ROUTER_NAME
 
-    def __init__(self, runtime: ProxyRuntime, *, suppress_envoy_headers: bool = False) -> None:
+    def __init__(
+        self,
+        runtime: ProxyRuntime,
+        *,
+        suppress_envoy_headers: bool = False,
+        rng: random.Random | None = None,
+    ) -> None:
         self._runtime = runtime
         self._envoy_headers = not suppress_envoy_headers
+        self._rng = rng or random.Random()
+        self._retry_stats: dict[str, RetryStats] = {}
+        self.mirror = Mirror(runtime)
 
     async def serve(self, ctx: RequestContext) -> None:
         route = ctx.route
@@ -189,8 +235,13 @@ class Router(TerminalFilter):
             await ctx.send_local_reply(redirect(action.response_code, redirect_location(ctx.head, route)))
 
     async def _forward(self, ctx: RequestContext, route: Route, action: ClusterAction) -> None:
-        ctx.info.upstream_cluster = action.cluster
-        cluster = self._runtime.cluster_manager().get(action.cluster)
+        cluster_name = action.cluster
+        weighted: WeightedCluster | None = None
+        if action.weighted_clusters:
+            weighted = pick_weighted(action.weighted_clusters, action.total_weight, self._rng.randrange)
+            cluster_name = weighted.name
+        ctx.info.upstream_cluster = cluster_name
+        cluster = self._runtime.cluster_manager().get(cluster_name)
         if cluster is None:
             ctx.responder.router_stats.no_cluster.inc()
             await ctx.send_local_reply(CLUSTER_NOT_FOUND)
@@ -201,20 +252,61 @@ class Router(TerminalFilter):
             return
         if not cluster.ready:
             await cluster.wait_ready(cluster.config.connect_timeout)
-        host = cluster.choose_host()
-        if host is None:
-            await ctx.send_local_reply(NO_HEALTHY_UPSTREAM)
-            return
-        self._finalize_request(ctx, route, action, host, self._envoy_headers)
-        assert ctx.vhost is not None
-        route_stats = ctx.responder.route_stats(ctx.vhost, route)
-        exchange = _Exchange(ctx, cluster, host, route_stats, self._envoy_headers)
+        self._finalize_request(ctx, route, action, self._envoy_headers)
+        if weighted is not None:
+            self._apply_weighted(ctx, weighted)
+        vhost = ctx.vhost
+        assert vhost is not None
+        timeout = self._timeout(ctx, action)
+        policy = request_policy(action.retry_policy or vhost.retry_policy, ctx.head, ctx.internal)
+        if upgrade:
+            policy = None  # a tunnel cannot be replayed
+        body = self._replay_body(ctx, route, policy is not None or bool(action.mirror_policies))
+        if action.mirror_policies:
+            self.mirror.shadow(action.mirror_policies, ctx.head, body, timeout, self._rng.randrange)
+        exchange = _Exchange(
+            ctx,
+            cluster,
+            action,
+            ctx.responder.route_stats(vhost, route),
+            self._envoy_headers,
+            _Retries(policy, self._retry_stats_of(cluster), self._rng.random) if policy else None,
+            body,
+        )
         idle_timeout = action.idle_timeout or ctx.responder.stream_idle_timeout
-        await exchange.run(self._timeout(ctx, action), idle_timeout)
+        await exchange.run(timeout, idle_timeout)
+
+    def _retry_stats_of(self, cluster: ClusterRuntime) -> RetryStats:
+        found = self._retry_stats.get(cluster.name)
+        if found is None:
+            scope = self._runtime.stats.scope("cluster.", "envoy_cluster_name", cluster.name)
+            found = self._retry_stats[cluster.name] = RetryStats(scope)
+        return found
+
+    @staticmethod
+    def _replay_body(ctx: RequestContext, route: Route, wanted: bool) -> ReplayBody | None:
+        """A replayable copy of the request body when a retry or a mirror may
+        need it (None for requests without a body)."""
+        body = ctx.stream.body
+        if not wanted or request_body(body) is None:
+            return None
+        vhost = ctx.vhost
+        limit = route.per_request_buffer_limit
+        if limit is None and vhost is not None:
+            limit = vhost.per_request_buffer_limit
+        return ReplayBody(body, DEFAULT_REQUEST_BUFFER_LIMIT if limit is None else limit)
+
+    @staticmethod
+    def _apply_weighted(ctx: RequestContext, weighted: WeightedCluster) -> None:
+        if not weighted.request_headers.empty:
+            apply_header_mutation(ctx.head.headers, weighted.request_headers)
+        if not weighted.response_headers.empty:
+            # Most specific first, as Envoy applies the weighted cluster's before the route's.
+            ctx.response_mutations = (weighted.response_headers, *ctx.response_mutations)
 
     @staticmethod
     def _finalize_request(
-        ctx: RequestContext, route: Route, action: ClusterAction, host: Host, envoy_headers: bool
+        ctx: RequestContext, route: Route, action: ClusterAction, envoy_headers: bool
     ) -> None:
         head = ctx.head
         if action.prefix_rewrite is not None:
@@ -225,8 +317,6 @@ class Router(TerminalFilter):
                 head.path = new_path
         if action.host_rewrite_literal:
             head.authority = action.host_rewrite_literal
-        elif action.auto_host_rewrite and host.hostname:
-            head.authority = host.hostname
         if ctx.route_config is not None and ctx.vhost is not None:
             for mutation in request_mutations(ctx.route_config, ctx.vhost, route):
                 apply_header_mutation(head.headers, mutation)
@@ -242,16 +332,46 @@ class Router(TerminalFilter):
         return action.timeout
 
 
+class _Retries:
+    """What an exchange needs to retry: the decisions and the cluster's counters."""
+
+    __slots__ = ("attempts", "state", "stats", "tried")
+
+    def __init__(self, policy: RetryPolicy, stats: RetryStats, draw: Callable[[], float]) -> None:
+        self.state = RetryState(policy, draw)
+        self.stats = stats
+        self.attempts = 1
+        self.tried: set[Host] = set()
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return self.state.policy
+
+
+class _Failure:
+    """An attempt that ended before a response head: the reply to send if no
+    retry follows, and the kind of failure the retry policy judges."""
+
+    __slots__ = ("kind", "reply")
+
+    def __init__(self, reply: LocalReply, kind: str) -> None:
+        self.reply = reply
+        self.kind = kind
+
+
 class _Exchange:
-    """One attempt at one upstream host."""
+    """One request's attempts at the cluster's hosts, then the response relay."""
 
     __slots__ = (
+        "_action",
+        "_body",
         "_cluster",
         "_ctx",
         "_envoy_headers",
         "_host",
         "_lease",
         "_response",
+        "_retries",
         "_route_stats",
         "_sent_at",
         "_watchdog",
@@ -261,33 +381,34 @@ class _Exchange:
         self,
         ctx: RequestContext,
         cluster: ClusterRuntime,
-        host: Host,
+        action: ClusterAction,
         route_stats: RouteStats,
         envoy_headers: bool,
+        retries: _Retries | None,
+        body: ReplayBody | None,
     ) -> None:
         self._ctx = ctx
         self._envoy_headers = envoy_headers
         self._cluster = cluster
-        self._host = host
+        self._action = action
+        self._host: Host | None = None
         self._route_stats = route_stats
+        self._retries = retries
+        self._body = body
         self._lease: Lease | None = None
         self._response: UpstreamResponse | None = None
         self._watchdog: Watchdog | None = None
         self._sent_at = 0.0
 
     async def run(self, route_timeout: float | None, idle_timeout: float | None) -> None:
-        ctx, cluster, host = self._ctx, self._cluster, self._host
-        ctx.info.upstream_host = host.address_text
+        ctx, cluster = self._ctx, self._cluster
         cluster.stats.rq_total.inc()
         cluster.stats.rq_active.inc()
         self._route_stats.rq_total.inc()
-        counters = host.counters
-        counters.rq_total += 1
-        counters.rq_active += 1
         self._watchdog = Watchdog(route_timeout, idle_timeout, ctx.stream.body)
         completed = False
         try:
-            completed = await self._attempt()
+            completed = await self._attempts()
         except asyncio.CancelledError:
             fired = self._watchdog.absorb()
             if not fired:
@@ -297,28 +418,132 @@ class _Exchange:
         finally:
             self._watchdog.stop()
             cluster.stats.rq_active.dec()
-            counters.rq_active -= 1
-            if not completed:
-                counters.rq_error += 1
-            self._finish_lease(completed)
+            self._end_attempt(completed)
+            if self._body is not None:
+                self._body.stop()
 
-    async def _attempt(self) -> bool:
-        """True when the exchange completed cleanly."""
-        ctx = self._ctx
-        pool = self._host.pool(self._cluster.pool_kind(ctx.head.version))
+    async def _attempts(self) -> bool:
+        """Try hosts until a response is relayed or no retry is left; True when
+        the exchange completed cleanly."""
+        retries = self._retries
+        while True:
+            host = self._choose_host()
+            if host is None:
+                await self._fail(NO_HEALTHY_UPSTREAM)
+                return False
+            outcome = await self._attempt(host)
+            if isinstance(outcome, UpstreamResponse):
+                status_retry = retries is not None and retries.state.wants_retry_for_status(outcome.head)
+                if status_retry and self._may_retry():
+                    self._discard(outcome)
+                    await self._back_off()
+                    continue
+                if retries is not None and retries.attempts > 1 and outcome.head.status < 500:
+                    retries.stats.success.inc()
+                self._add_attempt_count(outcome.head)
+                return await self._relay(outcome)
+            self._end_attempt(False)
+            reset_retry = retries is not None and retries.state.wants_retry_for_reset(outcome.kind)
+            if reset_retry and self._may_retry():
+                await self._back_off()
+                continue
+            await self._fail(outcome.reply)
+            return False
+
+    def _choose_host(self) -> Host | None:
+        """The load balancer's pick; with the previous-hosts predicate, up to
+        ``host_selection_retry_max_attempts`` picks avoid hosts already tried."""
+        cluster, retries = self._cluster, self._retries
+        host = cluster.choose_host()
+        if retries is None or not retries.policy.avoid_previous_hosts or not retries.tried:
+            return host
+        for _ in range(retries.policy.host_selection_retry_max_attempts):
+            if host is None or host not in retries.tried:
+                break
+            host = cluster.choose_host()
+        return host
+
+    def _may_retry(self) -> bool:
+        """Take a retry if the body can be replayed, the policy's budget and
+        the cluster's circuit breaker allow it (the slot is held until the
+        back-off is over)."""
+        retries = self._retries
+        assert retries is not None
+        body = self._body
+        if body is not None and not body.replayable:
+            return False
+        if not retries.state.take_retry():
+            retries.stats.limit_exceeded.inc()
+            self._ctx.info.flags |= ResponseFlag.URX
+            return False
+        if not _acquire_retry(self._cluster):
+            return False
+        retries.stats.retry.inc()
+        retries.attempts += 1
+        return True
+
+    async def _back_off(self) -> None:
+        retries = self._retries
+        assert retries is not None
         try:
-            self._lease = await pool.acquire()
-            self._sent_at = time.monotonic()
-            self._response = await self._lease.connection.request(ctx.head, request_body(ctx.stream.body))
+            await asyncio.sleep(retries.state.back_off())
+        finally:
+            _release_retry(self._cluster)
+
+    async def _attempt(self, host: Host) -> UpstreamResponse | _Failure:
+        ctx = self._ctx
+        self._host = host
+        ctx.info.upstream_host = host.address_text
+        counters = host.counters
+        counters.rq_total += 1
+        counters.rq_active += 1
+        head = ctx.head
+        if self._action.auto_host_rewrite and host.hostname:
+            head.authority = host.hostname
+        retries = self._retries
+        if retries is not None:
+            retries.tried.add(host)
+        vhost = ctx.vhost
+        if vhost is not None and vhost.include_request_attempt_count:
+            set_header(head.headers, ATTEMPT_COUNT, str(retries.attempts if retries else 1))
+        body = self._body.attempt_body() if self._body is not None else request_body(ctx.stream.body)
+        per_try = retries.policy.per_try_timeout if retries is not None else None
+        pool = host.pool(self._cluster.pool_kind(head.version))
+        try:
+            async with asyncio.timeout(per_try):
+                self._lease = await pool.acquire()
+                self._sent_at = time.monotonic()
+                self._response = await self._lease.connection.request(head, body)
+        except TimeoutError:
+            assert retries is not None
+            retries.stats.per_try_timeout.inc()
+            self._cluster.stats.rq_timeout.inc()
+            return _Failure(UPSTREAM_TIMEOUT, PER_TRY_TIMEOUT)
         except UpstreamConnectError as exc:
             ctx.info.upstream_failure_reason = exc.detail
-            await self._fail(upstream_reset(exc.reason))
-            return False
+            kind = OVERFLOW if exc.reason == "overflow" else CONNECT_FAILURE
+            return _Failure(upstream_reset(exc.reason), kind)
         except StreamReset as exc:
             self._cluster.stats.rq_rx_reset.inc()
-            await self._fail(upstream_reset(reset_reason(exc)))
-            return False
-        return await self._relay(self._response)
+            kind = REFUSED_STREAM if exc.code == "REFUSED_STREAM" else RESET
+            return _Failure(upstream_reset(reset_reason(exc)), kind)
+        return self._response
+
+    def _discard(self, response: UpstreamResponse) -> None:
+        """Drop a response that will be retried (its stats still count)."""
+        elapsed_ms = (time.monotonic() - self._sent_at) * 1000
+        self._cluster.stats.response(response.head.status, elapsed_ms)
+        body = response.body
+        reusable = body.ended and not body.aborted and not body.trailers
+        if reusable:
+            body.read_nowait()
+        self._end_attempt(reusable)
+
+    def _add_attempt_count(self, head: ResponseHead) -> None:
+        vhost = self._ctx.vhost
+        if vhost is not None and vhost.include_attempt_count_in_response:
+            retries = self._retries
+            head.headers.append((ATTEMPT_COUNT, str(retries.attempts if retries else 1)))
 
     async def _relay(self, response: UpstreamResponse) -> bool:
         ctx, watchdog = self._ctx, self._watchdog
@@ -376,8 +601,18 @@ class _Exchange:
             return
         await self._fail(reply)
 
-    def _finish_lease(self, completed: bool) -> None:
+    def _end_attempt(self, completed: bool) -> None:
+        """Give the attempt's connection back (closed unless it completed
+        cleanly) and settle the host's counters. Idempotent."""
+        host = self._host
+        if host is None:
+            return
+        self._host = None
+        host.counters.rq_active -= 1
+        if not completed:
+            host.counters.rq_error += 1
         lease, response = self._lease, self._response
+        self._lease = self._response = None
         if lease is None:
             return
         if not completed and response is not None and response.cancel is not None:
@@ -387,10 +622,22 @@ class _Exchange:
         lease.release(reusable=completed)
 
 
+def _acquire_retry(cluster: ClusterRuntime) -> bool:
+    """Take a retry slot of the cluster's circuit breaker (``max_retries``)."""
+    breakers = getattr(cluster, "circuit_breakers", None)
+    return breakers is None or bool(breakers.for_priority().try_acquire_retry())
+
+
+def _release_retry(cluster: ClusterRuntime) -> None:
+    breakers = getattr(cluster, "circuit_breakers", None)
+    if breakers is not None:
+        breakers.for_priority().release_retry()
+
+
 def _router_factory(cfg: HttpFilterConfig, runtime: ProxyRuntime, path: str) -> Router:
     # cfg.config is the compiler's RouterFilterConfig (absent when built directly).
     suppress = bool(getattr(cfg.config, "suppress_envoy_headers", False))
-    return Router(runtime, suppress_envoy_headers=suppress)
+    return Router(runtime, suppress_envoy_headers=suppress, rng=runtime.random)
 
 
 register_http_filter(ROUTER_NAME, _router_factory, [ROUTER_TYPE_URL])
