@@ -208,6 +208,29 @@ def test_a_bad_lane_reports_its_status_and_spares_the_others() -> None:
 
 
 @needs_crypto_mb
+@pytest.mark.parametrize("exponent", [65537, 3])
+def test_a_faulty_crt_result_never_leaves(exponent: int) -> None:
+    # A wrong dp makes the CRT half-result wrong, as a hardware fault would:
+    # that lane must come back as a signature error, the others as signatures.
+    mb = crypto_mb.load()
+    key = rsa_keys(2048)[0] if exponent == 65537 else rsa.generate_private_key(3, 2048)
+    n = key.private_numbers()
+    good = RsaCrtKey.from_numbers(2048, n.p, n.q, n.dmp1, n.dmq1, n.iqmp, e=exponent)
+    faulty = RsaCrtKey.from_numbers(2048, n.p, n.q, n.dmp1 ^ 2, n.dmq1, n.iqmp, e=exponent)
+    messages = [secrets.token_bytes(32) for _ in range(3)]
+    lanes = [
+        RsaLane(faulty if i == 1 else good, emsa_pss_encode(m, 2048, "sha256"))
+        for i, m in enumerate(messages)
+    ]
+    results = mb.rsa_private_crt(lanes)
+    assert results[1] == crypto_mb.SIGNATURE_ERROR
+    for i in (0, 2):
+        signature = results[i]
+        assert isinstance(signature, bytes)
+        verify_pss(key, signature, messages[i], "sha256")
+
+
+@needs_crypto_mb
 def test_batches_must_be_uniform_and_well_sized() -> None:
     mb = crypto_mb.load()
     k2048 = crt(rsa_keys(2048)[0])

@@ -382,7 +382,13 @@ class _RsaSigner:
         numbers = key.private_numbers()
         self.bits = key.key_size
         self.crt = RsaCrtKey.from_numbers(
-            self.bits, numbers.p, numbers.q, numbers.dmp1, numbers.dmq1, numbers.iqmp
+            self.bits,
+            numbers.p,
+            numbers.q,
+            numbers.dmp1,
+            numbers.dmq1,
+            numbers.iqmp,
+            e=numbers.public_numbers.e,
         )
         self.run = engine.run
 

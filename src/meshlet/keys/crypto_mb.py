@@ -66,8 +66,10 @@ CPU_AVX512_ENABLED_BY_OS = 0x200000000
 ALGORITHMS: dict[str, int] = {"RSA-2048": 1, "RSA-3072": 2, "RSA-4096": 3, "P-256": 5, "P-384": 6}
 
 RSA_BITS = (2048, 3072, 4096)
+F4 = 65537  # the public exponent crypto_mb's public-key methods take
 
 # status.h: one 4-bit status per lane.
+SIGNATURE_ERROR = 8
 _STATUS_BITS = {1: "mismatched parameter", 2: "null parameter", 4: "low order", 8: "signature error"}
 
 
@@ -107,7 +109,8 @@ def _limbs_for(bits: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class RsaCrtKey:
-    """An RSA private key's CRT parameters, converted once for every call."""
+    """An RSA private key's CRT parameters, converted once for every call,
+    and its public half, with which every result is checked."""
 
     bits: int
     p: ctypes.Array[ctypes.c_uint64]
@@ -115,9 +118,12 @@ class RsaCrtKey:
     dp: ctypes.Array[ctypes.c_uint64]
     dq: ctypes.Array[ctypes.c_uint64]
     qinv: ctypes.Array[ctypes.c_uint64]
+    n: ctypes.Array[ctypes.c_uint64]
+    modulus: int
+    e: int
 
     @classmethod
-    def from_numbers(cls, bits: int, p: int, q: int, dp: int, dq: int, qinv: int) -> RsaCrtKey:
+    def from_numbers(cls, bits: int, p: int, q: int, dp: int, dq: int, qinv: int, e: int = F4) -> RsaCrtKey:
         """``qinv`` is q^-1 mod p (``cryptography``'s ``iqmp``)."""
         if bits not in RSA_BITS:
             raise ValueError(f"crypto_mb signs with RSA-2048, -3072 and -4096, not {bits}-bit keys")
@@ -125,7 +131,18 @@ class RsaCrtKey:
         if p.bit_length() != half or q.bit_length() != half:
             raise ValueError(f"crypto_mb needs both RSA primes of exactly {half} bits")
         limbs = _limbs_for(half)
-        return cls(bits, *(to_limbs(v, limbs) for v in (p, q, dp, dq, qinv)))
+        n = p * q
+        return cls(
+            bits,
+            p=to_limbs(p, limbs),
+            q=to_limbs(q, limbs),
+            dp=to_limbs(dp, limbs),
+            dq=to_limbs(dq, limbs),
+            qinv=to_limbs(qinv, limbs),
+            n=to_limbs(n, _limbs_for(bits)),
+            modulus=n,
+            e=e,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,12 +313,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mbx_get_algo_info.argtypes = [ctypes.c_int]
     lib.mbx_getversion.restype = ctypes.POINTER(_Version)
     lib.mbx_getversion.argtypes = []
-    lib.mbx_RSA_private_crt_Method.restype = _P
-    lib.mbx_RSA_private_crt_Method.argtypes = [ctypes.c_int]
+    for method in ("mbx_RSA_private_crt_Method", "mbx_RSA_pub65537_Method"):
+        getattr(lib, method).restype = _P
+        getattr(lib, method).argtypes = [ctypes.c_int]
     lib.mbx_RSA_Method_BufSize.restype = ctypes.c_int
     lib.mbx_RSA_Method_BufSize.argtypes = [_P]
     lib.mbx_rsa_private_crt_mb8.restype = ctypes.c_uint32
     lib.mbx_rsa_private_crt_mb8.argtypes = [_PA] * 7 + [ctypes.c_int, _P, _P]
+    lib.mbx_rsa_public_mb8.restype = ctypes.c_uint32
+    lib.mbx_rsa_public_mb8.argtypes = [_PA] * 3 + [ctypes.c_int, _P, _P]
     for curve in ECDSA_CURVES.values():
         fn = getattr(lib, curve.sign_symbol)
         fn.restype = ctypes.c_uint32
@@ -413,7 +433,7 @@ class CryptoMb:
     def __init__(self, lib: ctypes.CDLL, report: Probe) -> None:
         self._lib = lib
         self.probe = report
-        self._methods: dict[int, tuple[int, int]] = {}
+        self._methods: dict[tuple[str, int], tuple[int, int]] = {}
         # RSA scratch buffers are reused between calls (the library would
         # otherwise malloc one per call), so each thread has its own.
         self._scratch = threading.local()
@@ -424,17 +444,20 @@ class CryptoMb:
             return list(self.rsa_private_crt([lane for lane in lanes if isinstance(lane, RsaLane)]))
         return list(self.ecdsa_sign([lane for lane in lanes if isinstance(lane, EcdsaLane)]))
 
-    def _rsa_method(self, bits: int) -> tuple[int, ctypes.Array[ctypes.c_char]]:
-        method = self._methods.get(bits)
+    def _rsa_method(self, name: str, bits: int) -> tuple[int, ctypes.Array[ctypes.c_char]]:
+        """The ``mbx_RSA_*_Method`` for ``bits`` and this thread's scratch buffer for it."""
+        key = (name, bits)
+        method = self._methods.get(key)
         if method is None:
-            handle = self._lib.mbx_RSA_private_crt_Method(bits)
+            handle = getattr(self._lib, name)(bits)
             if not handle:
-                raise CryptoMbUnavailable(f"crypto_mb has no RSA-{bits} CRT method")
-            method = self._methods[bits] = (handle, self._lib.mbx_RSA_Method_BufSize(handle))
-        buffers: dict[int, ctypes.Array[ctypes.c_char]] = self._scratch.__dict__.setdefault("buffers", {})
-        scratch = buffers.get(bits)
+                raise CryptoMbUnavailable(f"crypto_mb has no {name}({bits})")
+            method = self._methods[key] = (handle, self._lib.mbx_RSA_Method_BufSize(handle))
+        buffers: dict[tuple[str, int], ctypes.Array[ctypes.c_char]]
+        buffers = self._scratch.__dict__.setdefault("buffers", {})
+        scratch = buffers.get(key)
         if scratch is None:
-            scratch = buffers[bits] = ctypes.create_string_buffer(max(method[1], 64))
+            scratch = buffers[key] = ctypes.create_string_buffer(max(method[1], 64))
         return method[0], scratch
 
     def rsa_private_crt(self, lanes: Sequence[RsaLane]) -> list[bytes | int]:
@@ -452,7 +475,7 @@ class CryptoMb:
                 )
         inputs = _Block(size, [lane.message for lane in lanes])
         outputs = _Block(size)
-        method, scratch = self._rsa_method(bits)
+        method, scratch = self._rsa_method("mbx_RSA_private_crt_Method", bits)
         keys = [lane.key for lane in lanes]
         status = self._lib.mbx_rsa_private_crt_mb8(
             inputs.pointers,
@@ -467,8 +490,46 @@ class CryptoMb:
             scratch,
         )
         codes = lane_statuses(status)
+        self._check_rsa(keys, inputs, outputs, codes)
         raw = outputs.buffer.raw
         return [codes[i] or raw[i * size : (i + 1) * size] for i in range(len(lanes))]
+
+    def _check_rsa(
+        self, keys: Sequence[RsaCrtKey], inputs: _Block, outputs: _Block, codes: list[int]
+    ) -> None:
+        """Marks lanes whose result does not map back to their input (s^e mod n
+        != m) with a signature error: a CRT result corrupted by a fault would
+        otherwise give the key away (the Bellcore attack), so, as OpenSSL
+        does, nothing leaves unchecked. One public-key mb8 call checks the
+        whole batch; keys whose exponent is not 65537 are checked one by one."""
+        size = inputs.stride
+        if all(k.e == F4 for k in keys):
+            recovered = _Block(size)
+            method, scratch = self._rsa_method("mbx_RSA_pub65537_Method", keys[0].bits)
+            status = self._lib.mbx_rsa_public_mb8(
+                outputs.pointers,
+                recovered.pointers,
+                _pointers([k.n for k in keys]),
+                keys[0].bits,
+                method,
+                scratch,
+            )
+            back, public_codes = recovered.buffer.raw, lane_statuses(status)
+        else:
+            back, public_codes = b"", [0] * LANES
+        sent, got = inputs.buffer.raw, outputs.buffer.raw
+        for i, key in enumerate(keys):
+            lane = slice(i * size, (i + 1) * size)
+            if codes[i]:
+                continue
+            if key.e == F4 and back:
+                ok = not public_codes[i] and back[lane] == sent[lane]
+            else:
+                ok = pow(int.from_bytes(got[lane], "big"), key.e, key.modulus) == int.from_bytes(
+                    sent[lane], "big"
+                )
+            if not ok:
+                codes[i] = SIGNATURE_ERROR
 
     def ecdsa_sign(self, lanes: Sequence[EcdsaLane]) -> list[tuple[int, int] | int]:
         """ECDSA (r, s) for each lane (one curve throughout), or its nonzero status."""
