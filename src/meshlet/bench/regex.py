@@ -147,6 +147,10 @@ def build_table(count: int, engine: str) -> RouteTable:
 # --------------------------------------------------------------------------- #
 
 
+class WorkloadError(RuntimeError):
+    """A generated path does not land where its group says (a bug in the workload)."""
+
+
 def check_selection(table: RouteTable, mix: PathMix, count: int) -> None:
     """The workload must do what it says: early/late paths hit a regex route, none do not."""
     for group, paths in mix.by_group.items():
@@ -154,7 +158,7 @@ def check_selection(table: RouteTable, mix: PathMix, count: int) -> None:
             found = table.select(_head(path))
             name = found[1].name if found is not None else None
             if (name == "fallback") is not (group == "none"):
-                raise AssertionError(f"{group} path {path!r} selected {name!r} with {count} routes")
+                raise WorkloadError(f"{group} path {path!r} selected {name!r} with {count} routes")
 
 
 def _head(path: str) -> RequestHead:
