@@ -1,18 +1,37 @@
-"""TLS 1.3 key schedule (RFC 8446 section 7.1) on ``cryptography``'s HKDF and HMAC."""
+"""TLS 1.3 key schedule (RFC 8446 section 7.1): HKDF (RFC 5869) on HMAC.
+
+HMAC and hashes are the standard library's one-shot ``hmac.digest`` and
+``hashlib`` (both OpenSSL underneath): a handshake derives some twenty
+secrets, and a one-shot call costs a fraction of building HKDF/HMAC objects.
+"""
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives import hashes, hmac
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+import hashlib
+import hmac
+
+from cryptography.hazmat.primitives import hashes
 
 from meshlet.tls.codec import HandshakeType
 from meshlet.tls.crypto import IV_LENGTH, CipherSuite
 
 
 def hkdf_extract(hash_alg: hashes.HashAlgorithm, salt: bytes, ikm: bytes) -> bytes:
-    h = hmac.HMAC(salt or b"\x00" * hash_alg.digest_size, hash_alg)
-    h.update(ikm)
-    return h.finalize()
+    return hmac.digest(salt or b"\x00" * hash_alg.digest_size, ikm, hash_alg.name)
+
+
+def hkdf_expand(hash_alg: hashes.HashAlgorithm, prk: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-Expand: T(1) | T(2) | ... cut to ``length`` (at most 255 blocks)."""
+    name = hash_alg.name
+    size = hash_alg.digest_size
+    if not 0 < length <= 255 * size:
+        raise ValueError(f"HKDF-Expand cannot produce {length} bytes with {name}")
+    block = b""
+    blocks = []
+    for counter in range(1, -(-length // size) + 1):
+        block = hmac.digest(prk, block + info + bytes((counter,)), name)
+        blocks.append(block)
+    return b"".join(blocks)[:length]
 
 
 def hkdf_expand_label(
@@ -22,13 +41,11 @@ def hkdf_expand_label(
     info = (
         length.to_bytes(2, "big") + bytes((len(full_label),)) + full_label + bytes((len(context),)) + context
     )
-    return HKDFExpand(hash_alg, length, info).derive(secret)
+    return hkdf_expand(hash_alg, secret, info, length)
 
 
 def transcript_digest(hash_alg: hashes.HashAlgorithm, data: bytes) -> bytes:
-    h = hashes.Hash(hash_alg)
-    h.update(data)
-    return h.finalize()
+    return hashlib.new(hash_alg.name, data).digest()
 
 
 def derive_secret(
@@ -51,9 +68,7 @@ def next_traffic_secret(suite: CipherSuite, secret: bytes) -> bytes:
 
 def finished_verify_data(hash_alg: hashes.HashAlgorithm, base_key: bytes, transcript_hash: bytes) -> bytes:
     finished_key = hkdf_expand_label(hash_alg, base_key, b"finished", b"", hash_alg.digest_size)
-    h = hmac.HMAC(finished_key, hash_alg)
-    h.update(transcript_hash)
-    return h.finalize()
+    return hmac.digest(finished_key, transcript_hash, hash_alg.name)
 
 
 def resumption_psk(suite: CipherSuite, resumption_master_secret: bytes, nonce: bytes) -> bytes:
