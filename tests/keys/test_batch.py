@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import subprocess
 import sys
@@ -229,6 +230,38 @@ async def test_a_stuck_batch_times_out_and_the_queue_moves_on() -> None:
     await asyncio.sleep(0.3)  # the worker thread is free again
     check(provider, await sign_all(provider, 3))
     assert provider.stats()["errors"] == 1 and provider.stats()["in_flight"] == 0
+
+
+def wait_child(pid: int, timeout: float) -> int:
+    """The child's exit code; killed (and a failure) if it outlives ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child did not finish signing")
+
+
+@needs_crypto_mb
+def test_a_forked_worker_process_gets_its_own_batch_thread() -> None:
+    provider = BatchKeyProvider(key_of("RSA-2048"), poll_delay=0.001, execution="thread")
+
+    async def sign_and_check(count: int) -> None:
+        check(provider, await asyncio.wait_for(sign_all(provider, count), 5))
+
+    asyncio.run(sign_and_check(2))  # the parent's worker thread now exists
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            asyncio.run(sign_and_check(3))
+            code = 0
+        finally:
+            os._exit(code)
+    assert wait_child(pid, 10) == 0
 
 
 def test_execution_defaults_to_inline_for_ecdsa_and_thread_for_rsa() -> None:

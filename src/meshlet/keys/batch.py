@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import re
 import secrets
 import threading
@@ -170,10 +171,23 @@ def _worker() -> ThreadPoolExecutor:
     """One thread per process signs every batch: mb8 calls use one core each
     and the library's scratch buffers are reused between calls."""
     global _executor
+    executor = _executor
+    if executor is not None:
+        return executor
     with _executor_lock:
         if _executor is None:
             _executor = ThreadPoolExecutor(1, thread_name_prefix="meshlet-batch")
         return _executor
+
+
+def _forget_worker_after_fork() -> None:
+    # A forked worker process does not inherit the thread, only its object.
+    global _executor, _executor_lock
+    _executor = None
+    _executor_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_worker_after_fork)
 
 
 # --------------------------------------------------------------------------- #
