@@ -17,7 +17,7 @@ COLUMNS = ("engine", "routes", "match_ns", "match_ns_early", "match_ns_late", "m
 
 @click.command("regex")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object {\"rows\": [...]} on stdout.")
-@click.option("--quick", is_flag=True, help="A short smoke run (10 and 100 routes, 1 s of load each).")
+@click.option("--quick", is_flag=True, help="A short smoke run (100 routes, 1 s of load per engine).")
 @click.option("--engine", "engines", multiple=True, type=click.Choice(ENGINES),
               help="Only these engines (repeatable); default: all.")
 @click.option("--routes", "route_counts", multiple=True, type=click.IntRange(min=1, max=100_000),
