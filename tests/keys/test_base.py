@@ -19,7 +19,13 @@ from meshlet.tls.crypto import SignatureScheme
 
 def test_every_provider_is_registered_on_import() -> None:
     names = set(registry.names(meshlet.keys.CATEGORY))
-    assert {"meshlet.local", "meshlet.offload", "meshlet.keyserver", "meshlet.pkcs11"} <= names
+    assert {
+        "meshlet.local",
+        "meshlet.offload",
+        "meshlet.batch",
+        "meshlet.keyserver",
+        "meshlet.pkcs11",
+    } <= names
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ CATEGORY = "key_provider"
 PROVIDERS: dict[str, str] = {
     "meshlet.local": "meshlet.keys.local:build_local",
     "meshlet.offload": "meshlet.keys.offload:build_offload",
+    "meshlet.batch": "meshlet.keys.batch:build_batch",
     "meshlet.keyserver": "meshlet.keys.keyserver.client:build_keyserver",
     "meshlet.pkcs11": "meshlet.keys.pkcs11:build_pkcs11",
 }
