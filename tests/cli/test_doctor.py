@@ -27,6 +27,7 @@ def test_json_report_matches_this_machine() -> None:
     assert mb["wheels"]["ipp-crypto"] is not None or mb["library"] is None
     batch = report["batch"]
     assert batch["Ed25519"]["path"] == "software"
+    assert batch["P-256"]["execution"] == "inline" and batch["RSA-2048"]["execution"] == "thread"
     for kind in ("RSA-2048", "RSA-3072", "RSA-4096", "P-256", "P-384"):
         expected = "crypto_mb" if probe.supports(kind) else "software"
         assert batch[kind]["path"] == expected, batch[kind]

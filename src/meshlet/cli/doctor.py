@@ -72,12 +72,17 @@ def crypto_mb_report() -> dict[str, Any]:
 
 
 def batch_report() -> dict[str, dict[str, Any]]:
-    from meshlet.keys.batch import plan_for
+    from meshlet.keys.batch import INLINE_KEY_TYPES, plan_for
 
     paths: dict[str, dict[str, Any]] = {}
     for kind in BATCH_KEY_TYPES:
         chosen = plan_for(kind)
-        paths[kind] = {"path": "crypto_mb" if chosen.batched else "software", "reason": chosen.reason}
+        paths[kind] = {
+            "path": "crypto_mb" if chosen.batched else "software",
+            "reason": chosen.reason,
+            # Where signing runs under the default ``execution: auto``.
+            "execution": "inline" if kind in INLINE_KEY_TYPES else "thread",
+        }
     return paths
 
 
@@ -137,7 +142,7 @@ def render(report: dict[str, Any]) -> list[str]:
     lines.append(f"  verdict          {mb['reason']}")
     lines.append("meshlet.batch path per key type:")
     for kind, chosen in report["batch"].items():
-        lines.append(f"  {kind:<9} {chosen['path']:<10} {chosen['reason']}")
+        lines.append(f"  {kind:<9} {chosen['path']:<10} {chosen['execution']:<7} {chosen['reason']}")
     if "bench" in report:
         lines.append("signing benchmark (signs per CPU-second; batched vs cryptography):")
         for kind, run in report["bench"].items():

@@ -396,7 +396,9 @@ def _binding() -> CryptoMb:
 
 def _pointers(items: Sequence[Any]) -> ctypes.Array[ctypes.c_void_p]:
     """An 8-entry pointer array to per-lane objects; short batches repeat
-    their first lane (see ``_Block``)."""
+    their first lane (see ``_Block``). Envoy's cryptomb passes NULL for unused
+    lanes instead, which the entry points flag per lane; a valid repeat keeps
+    every lane on the library's ordinary path at no extra cost."""
     filled = list(items) + [items[0]] * (LANES - len(items))
     return (ctypes.c_void_p * LANES)(*(ctypes.addressof(x) for x in filled))
 
