@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from keys_helpers import (
     Echo,
     KeyServerProcess,
@@ -372,3 +372,19 @@ def _echo_on(tls: ssl.SSLSocket) -> None:
         assert chunk, "the established connection was closed"
         received += chunk
     assert received == b"still here\n"
+
+
+def test_one_provider_serves_successive_event_loops(tmp_path: Path) -> None:
+    from meshlet.keys.keyserver.client import build_keyserver
+
+    with key_server_process(tmp_path) as ks:
+        assert ks.cli("generate", "--type", "p256", "--name", "web").returncode == 0
+        provider = build_keyserver(
+            PrivateKeyProviderConfig("meshlet.keyserver", {"socket": str(ks.socket_path), "handle": "web"})
+        )
+        try:
+            for _ in range(2):  # e.g. a worker restarting its loop: connections follow the loop
+                signature = asyncio.run(provider.sign(0x0403, b"data"))
+                provider.public_key.verify(signature, b"data", ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg,union-attr]
+        finally:
+            provider.close()
