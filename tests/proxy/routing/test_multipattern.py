@@ -132,6 +132,20 @@ def test_failing_header_condition_on_the_first_regex_hit_falls_through() -> None
     assert picked_by_all(route_list, head("/a/cc")) is None
 
 
+def test_only_regex_routes_with_conditions_fall_through_in_order() -> None:
+    route_list = [
+        regex("/m/.*", headers=[{"name": "x-a", "present_match": True}]),
+        regex("/m/[0-9]+", headers=[{"name": "x-b", "present_match": True}]),
+        regex("/m/1"),
+        regex("/m/[0-9]"),
+    ]
+    assert picked_by_all(route_list, head("/m/1", [("x-a", "")])) == "r0"
+    assert picked_by_all(route_list, head("/m/1", [("x-b", "")])) == "r1"
+    assert picked_by_all(route_list, head("/m/1")) == "r2"
+    assert picked_by_all(route_list, head("/m/2")) == "r3"
+    assert picked_by_all(route_list, head("/m/22")) is None
+
+
 def test_regex_matches_the_path_without_query_or_fragment() -> None:
     route_list = [regex("/q/[0-9]+"), regex("/q/.*")]
     assert picked_by_all(route_list, head("/q/1?x=y")) == "r0"

@@ -48,6 +48,8 @@ class _RegexSet:
 
     def first_match(self, path: str, head: RequestHead, query: str) -> Route | None:
         others = self.others
+        if not others:
+            return self._first_member(path, head, query)
         next_other = 0
         for set_id in self.patterns.matching(path):
             position, extra, route = self.members[set_id]
@@ -59,6 +61,15 @@ class _RegexSet:
                 return route
         found, _ = _first_other(others, next_other, _PAST_THE_END, path, head, query)
         return found
+
+    def _first_member(self, path: str, head: RequestHead, query: str) -> Route | None:
+        """``first_match`` when every route of the virtual host is in the set."""
+        members = self.members
+        for set_id in self.patterns.matching(path):
+            _, extra, route = members[set_id]
+            if extra is None or extra(head, query):
+                return route
+        return None
 
 
 def _first_other(others: tuple[_OtherRoute, ...], start: int, before: int, path: str,
