@@ -57,6 +57,7 @@ class App:
         self.seen: list[Seen] = []
         self.port = 0
         self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> App:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -66,8 +67,11 @@ class App:
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        for writer in self._writers:
+            writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         try:
             while True:
                 seen = await asyncio.wait_for(_read_request(reader), 30)
@@ -83,6 +87,7 @@ class App:
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             pass
         finally:
+            self._writers.discard(writer)
             writer.close()
 
 
@@ -125,9 +130,10 @@ def cluster(
                         {
                             "endpoint": {
                                 "address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}
-                            }
+                            },
+                            "load_balancing_weight": w,
                         }
-                        for p in ports
+                        for p, w in zip(ports, weights, strict=True)
                     ]
                 }
             ],
