@@ -397,21 +397,26 @@ class _TlsProtocol(asyncio.Protocol):
             self._raw.write(data)
 
     def _handle(self, events: list[Event]) -> None:
-        self._flush()
-        for event in events:
-            if isinstance(event, ApplicationData):
-                self._deliver(event.data)
-            elif isinstance(event, SignatureRequired):
-                self._start_signing(event)
-            elif isinstance(event, HandshakeComplete):
-                self._established(event)
-            elif isinstance(event, SessionTicketReceived):
-                if self._sni:
-                    self._factory.store_session(self._sni, event.session)
-            elif isinstance(event, ConnectionFailed):
-                self._connection_failed(event)
-            elif isinstance(event, AlertReceived) and event.description == AlertDescription.close_notify:
-                self._peer_closed()
+        # Records queue in order in the engine, so flushing after the events
+        # (not before) sends a flight that was paused for an in-process
+        # signature in one write.
+        try:
+            for event in events:
+                if isinstance(event, ApplicationData):
+                    self._deliver(event.data)
+                elif isinstance(event, SignatureRequired):
+                    self._start_signing(event)
+                elif isinstance(event, HandshakeComplete):
+                    self._established(event)
+                elif isinstance(event, SessionTicketReceived):
+                    if self._sni:
+                        self._factory.store_session(self._sni, event.session)
+                elif isinstance(event, ConnectionFailed):
+                    self._connection_failed(event)
+                elif isinstance(event, AlertReceived) and event.description == AlertDescription.close_notify:
+                    self._peer_closed()
+        finally:
+            self._flush()
 
     def _deliver(self, data: bytes) -> None:
         app = self._app
@@ -431,8 +436,21 @@ class _TlsProtocol(asyncio.Protocol):
         if key is None:
             self._handle(self._conn.fail_signature("no key handle configured"))
             return
+        if isinstance(key, LocalKey):
+            # The key is in this process and signing cannot block on anything
+            # but the CPU: answer at once rather than via a task and a loop turn.
+            self._sign_inline(key, event)
+            return
         self._raw.pause_reading()
         self._signing = asyncio.get_running_loop().create_task(self._sign(key, event))
+
+    def _sign_inline(self, key: LocalKey, event: SignatureRequired) -> None:
+        try:
+            signature = key.sign_now(event.scheme, event.data)
+        except Exception as exc:
+            self._handle(self._conn.fail_signature(f"{type(exc).__name__}: {exc}"))
+            return
+        self._handle(self._conn.provide_signature(signature))
 
     async def _sign(self, key: KeyHandle, event: SignatureRequired) -> None:
         try:
