@@ -199,3 +199,37 @@ async def running_proxy(config_text: str, *, seed: int = 7) -> AsyncIterator[tup
 
 def stat(proxy: Proxy, name: str) -> int:
     return proxy.runtime.stats.value(name) or 0
+
+
+async def get_many(
+    port: int, path: str, count: int, *, connections: int = 8, headers: dict[str, str] | None = None
+) -> list[tuple[int, bytes]]:
+    """``count`` GETs over keep-alive connections with a bare-bones HTTP/1.1
+    client (httpx is too slow for thousands of requests in a test):
+    (status, body) per request."""
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    request = f"GET {path} HTTP/1.1\r\nhost: test\r\n{extra}\r\n".encode()
+    results: list[tuple[int, bytes]] = []
+
+    async def worker(share: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for _ in range(share):
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                lines = head.decode("latin-1").split("\r\n")
+                status = int(lines[0].split(" ", 2)[1])
+                length = next(
+                    int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:")
+                )
+                results.append((status, await reader.readexactly(length)))
+        finally:
+            writer.close()
+
+    shares = [count // connections + (1 if i < count % connections else 0) for i in range(connections)]
+    await asyncio.gather(*(worker(n) for n in shares if n))
+    return results
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
