@@ -285,3 +285,29 @@ def test_key_provider_from_the_registry_signs(pki: MiniPki) -> None:
     without = replace(with_fallback, private_key_pem=None)
     with pytest.raises(UnsupportedConfig):
         config_from_context(replace(server_ctx, certificates=(without,)))
+
+
+def test_fallback_when_the_provider_backend_is_down(pki: MiniPki) -> None:
+    """``fallback: true`` also covers a registered provider whose backend (a
+    key server, a token) cannot be reached when the socket is built."""
+    from dataclasses import replace
+
+    from meshlet.config.model import PrivateKeyProviderConfig
+    from meshlet.keys.base import ProviderUnavailable
+    from meshlet.registry import registry
+    from meshlet.tls.config import KeyHandle
+
+    server_ctx, _ = _contexts(pki)
+
+    def unreachable(provider: PrivateKeyProviderConfig) -> KeyHandle:
+        raise ProviderUnavailable("private_key_provider", "key server socket /nonexistent: not reachable")
+
+    name = "meshlet.test.unreachable"
+    if name not in registry.names("key_provider"):
+        registry.register("key_provider", name, unreachable)
+    down = PrivateKeyProviderConfig(name, {}, fallback=True)
+    cert = replace(server_ctx.certificates[0], private_key_provider=down)
+    assert isinstance(config_from_context(replace(server_ctx, certificates=(cert,))).key, LocalKey)
+    no_fallback = replace(cert, private_key_provider=replace(down, fallback=False))
+    with pytest.raises(ProviderUnavailable, match="not reachable"):
+        config_from_context(replace(server_ctx, certificates=(no_fallback,)))

@@ -16,6 +16,7 @@ and the application protocol sees a ``_TlsAppTransport`` carrying plaintext.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshlet.config.model import TlsCertificate, TlsContext
 from meshlet.errors import ConfigError, UnsupportedConfig
+from meshlet.keys.base import ProviderUnavailable
 from meshlet.proxy.transport import (
     AppProtocolFactory,
     HandshakeError,
@@ -49,6 +51,8 @@ from meshlet.tls.events import (
 from meshlet.tls.keys_local import LocalKey
 from meshlet.tls.tickets import ClientSession, TicketKeys
 from meshlet.tls.verify import PeerPolicy, PeerRole, VerifiedPeer
+
+log = logging.getLogger("meshlet.tls")
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 _MAX_CACHED_SESSIONS = 1024
@@ -120,10 +124,22 @@ def _key_handle(cert: TlsCertificate) -> KeyHandle:
             if not (provider.fallback and cert.private_key_pem):
                 raise
         else:
-            handle = ext.factory(provider)
+            try:
+                handle = ext.factory(provider)
+            except ProviderUnavailable as exc:
+                # fallback: the provider's backend (a key server, a token) is
+                # down at build time; serve with the in-process key meanwhile.
+                if not (provider.fallback and cert.private_key_pem):
+                    raise
+                log.warning("%s; falling back to the certificate's private_key", exc)
+                return _local_key(cert)
             if not isinstance(handle, KeyHandle):
                 raise ConfigError(path, f"key provider {provider.provider_name!r} did not build a key handle")
             return handle
+    return _local_key(cert)
+
+
+def _local_key(cert: TlsCertificate) -> KeyHandle:
     if cert.private_key_pem is None:
         raise ConfigError(_CERT_PATH, "no private key or key provider")
     try:
