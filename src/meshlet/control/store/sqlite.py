@@ -60,6 +60,10 @@ _SCHEMA = [
 ]
 
 T = TypeVar("T")
+# Aliases: inside the class, ``list`` names the Store method.
+Bodies = list[str]
+EventRows = list[tuple[int, str, str, str]]
+Kinds = list[str]
 
 
 class SqliteStore:
@@ -193,13 +197,13 @@ class SqliteStore:
             (kind, namespace, name)).fetchone()
         return (int(row[0]), str(row[1])) if row is not None else None
 
-    def _fetch_all(self, kinds: list[str] | None, namespace: str | None) -> tuple[list[str], int]:
+    def _fetch_all(self, kinds: Kinds | None, namespace: str | None) -> tuple[Bodies, int]:
         # One read transaction so the bodies and the revision agree.
         with self._transaction("BEGIN") as tx:
             revision = int(tx.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
             query = "SELECT body FROM resources"
-            clauses: list[str] = []
-            params: list[str] = []
+            clauses: Kinds = []
+            params: Kinds = []
             if kinds is not None:
                 clauses.append(f"kind IN ({','.join('?' * len(kinds))})")
                 params.extend(kinds)
@@ -253,7 +257,7 @@ class SqliteStore:
                 tx.execute("DELETE FROM events WHERE revision <= ?", (oldest_kept,))
                 tx.execute("UPDATE meta SET value = ? WHERE key = 'compacted'", (oldest_kept,))
 
-    def _events_after(self, revision: int) -> tuple[list[tuple[int, str, str, str]], int]:
+    def _events_after(self, revision: int) -> tuple[EventRows, int]:
         db = self._conn()
         compacted = int(db.execute("SELECT value FROM meta WHERE key = 'compacted'").fetchone()[0])
         rows = db.execute("SELECT revision, type, kind, body FROM events WHERE revision > ? "
