@@ -148,6 +148,9 @@ def clusters_text(described: Mapping[str, Mapping[str, object]]) -> str:
 
 
 def _health_flags(host: Mapping[str, Any]) -> str:
+    flags = host.get("health_flags")
+    if isinstance(flags, str):
+        return flags
     if host.get("healthy", True):
         return "healthy"
     health = str(host.get("health", "")).lower()
@@ -177,7 +180,8 @@ def _host_json(host: Mapping[str, Any]) -> dict[str, Any]:
         "hostname": host.get("hostname", ""),
         "weight": host.get("weight", 1),
         "health_status": {"eds_health_status": host.get("health", "UNKNOWN"),
-                          "failed_outlier_check": False},
+                          "failed_active_health_check": bool(host.get("failed_active_health_check")),
+                          "failed_outlier_check": bool(host.get("failed_outlier_check"))},
         "stats": [{"name": k, "value": host.get(k, 0)}
                   for k in ("cx_active", "cx_total", "cx_connect_fail", "rq_total", "rq_error")],
     }
