@@ -52,15 +52,20 @@ def _collect(pattern_id: int, start: int, end: int, flags: int, found: object) -
     cast(list[int], found).append(pattern_id)
 
 
+def _compiled(expressions: Sequence[bytes]) -> hyperscan.Database:
+    database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    count = len(expressions)
+    database.compile(expressions=list(expressions), ids=list(range(count)), elements=count, flags=_FLAGS)
+    return database
+
+
 class _Database:
     """A block-mode database over anchored patterns, ids 0..n-1 in list order."""
 
     __slots__ = ("_scan", "_scratch")
 
     def __init__(self, expressions: Sequence[bytes]) -> None:
-        database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        count = len(expressions)
-        database.compile(expressions=list(expressions), ids=list(range(count)), elements=count, flags=_FLAGS)
+        database = _compiled(expressions)
         self._scan = database.scan
         self._scratch = _ThreadScratch(database)
 
@@ -78,7 +83,7 @@ def _anchored(pattern: bytes) -> bytes:
 @lru_cache(maxsize=SINGLE_CACHE_SIZE)
 def _single_database(pattern: bytes) -> _Database:
     # The bare pattern first: it must be a whole regex by itself (see the module doc).
-    _Database([pattern])
+    _compiled([pattern])
     return _Database([_anchored(pattern)])
 
 
