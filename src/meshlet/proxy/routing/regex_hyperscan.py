@@ -7,9 +7,9 @@ regex route that can match a path.
 
 Full-match semantics (equal to the other engines) come from anchoring each
 pattern as ``\\A(?:pattern)\\z`` with ``HS_FLAG_SINGLEMATCH`` (one report per
-pattern and scan at most). The bare pattern must compile on its own first: a
-pattern such as ``a)|(b`` would otherwise close the anchoring group early and
-change meaning instead of being refused. Patterns are UTF-8 (``HS_FLAG_UTF8``,
+pattern and scan at most). A pattern holding a ``)`` must compile on its own
+first: one such as ``a)|(b`` would otherwise close the anchoring group early
+and change meaning instead of being refused. Patterns are UTF-8 (``HS_FLAG_UTF8``,
 ``.`` is one code point) without ``HS_FLAG_UCP``, so ``\\d``, ``\\w``, ``\\s``
 are ASCII classes, as in RE2.
 
@@ -83,7 +83,9 @@ def _anchored(pattern: bytes) -> bytes:
 @lru_cache(maxsize=SINGLE_CACHE_SIZE)
 def _single_database(pattern: bytes) -> _Database:
     # The bare pattern first: it must be a whole regex by itself (see the module doc).
-    _compiled([pattern])
+    # Only a ")" can close the anchoring group early; without one, skip the extra compile.
+    if b")" in pattern:
+        _compiled([pattern])
     return _Database([_anchored(pattern)])
 
 
