@@ -421,15 +421,15 @@ def test_router_must_be_last_and_present() -> None:
 
 def test_unknown_http_filter_is_refused_with_its_path() -> None:
     data = base()
-    fault = {
-        "name": "envoy.filters.http.fault",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"},
+    buffer = {
+        "name": "envoy.filters.http.buffer",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer"},
     }
-    hcm(data)["http_filters"] = [fault, ROUTER]
+    hcm(data)["http_filters"] = [buffer, ROUTER]
     error = refusal(data)
     assert isinstance(error, UnsupportedConfig)
     assert error.path == f"{HCM_PATH}.http_filters[0].typed_config"
-    assert "envoy.extensions.filters.http.fault.v3.HTTPFault" in error.message
+    assert "envoy.extensions.filters.http.buffer.v3.Buffer" in error.message
 
 
 def test_router_fields() -> None:
@@ -498,7 +498,6 @@ def test_access_loggers() -> None:
     )
 
 
-
 @pytest.mark.parametrize(
     ("log_format", "field"),
     [
@@ -518,6 +517,7 @@ def test_bad_access_log_format_is_refused_at_compile_time(log_format: dict[str, 
     ]
     error = refusal(data)
     assert error.path.endswith("access_log[0].typed_config." + field), error.path
+
 
 @pytest.mark.parametrize(
     ("entry", "path", "message"),
@@ -647,17 +647,22 @@ def test_route_actions_and_fields(tmp_path: Path) -> None:
     [
         ({"match": {"prefix": "/"}, "route": {"cluster": "nope"}}, "route.cluster", "unknown cluster 'nope'"),
         (
-            {"match": {"prefix": "/"}, "route": {"cluster": "app", "retry_policy": {"num_retries": 2}}},
-            "route.retry_policy",
-            "retry_policy is not supported yet",
+            {
+                "match": {"prefix": "/"},
+                "route": {"cluster": "app", "retry_policy": {"retry_priority": {"name": "x"}}},
+            },
+            "route.retry_policy.retry_priority",
+            "retry_priority is not supported yet",
         ),
         (
             {
                 "match": {"prefix": "/"},
-                "route": {"weighted_clusters": {"clusters": [{"name": "app", "weight": 1}]}},
+                "route": {
+                    "weighted_clusters": {"clusters": [{"name": "app", "weight": 1}], "header_name": "x"}
+                },
             },
-            "route.weighted_clusters",
-            "weighted_clusters is not supported yet",
+            "route.weighted_clusters.header_name",
+            "header_name is not supported yet",
         ),
         (
             {"match": {"prefix": "/"}, "route": {"cluster": "app", "regex_rewrite": {"substitution": "/"}}},
