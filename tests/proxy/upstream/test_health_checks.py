@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
-from traffic_harness import (
+from upstream_traffic import (
     Backend,
     backends,
     bootstrap,

@@ -4,7 +4,7 @@ backends on loopback, counted by the backend that answered."""
 from __future__ import annotations
 
 import pytest
-from traffic_harness import Backend, backends, bootstrap, endpoints_yaml, running_proxy, spread, wait_for
+from upstream_traffic import Backend, backends, bootstrap, endpoints_yaml, running_proxy, spread, wait_for
 
 # Weighted policies: weights 1:3 give the light host 25 % of 2000 requests
 # within 5 points (smooth round-robin is exact; random has sigma ~1 point).

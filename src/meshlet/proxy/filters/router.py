@@ -64,6 +64,8 @@ from meshlet.proxy.http.stream import BodyStream, RequestHead, ResponseHead, Str
 from meshlet.proxy.observe.access_log import ResponseFlag
 from meshlet.proxy.routing import apply_header_mutation, redirect_location, request_mutations, rewrite_path
 from meshlet.proxy.upstream.cluster import ClusterRuntime, Host
+from meshlet.proxy.upstream.hashing import compute_hash
+from meshlet.proxy.upstream.lb import LbContext
 from meshlet.proxy.upstream.pool import Lease, UpstreamConnectError
 
 if TYPE_CHECKING:
@@ -274,7 +276,15 @@ class Router(TerminalFilter):
             body,
         )
         idle_timeout = action.idle_timeout or ctx.responder.stream_idle_timeout
-        await exchange.run(timeout, idle_timeout)
+        # The cluster's max_requests circuit breaker for the route's priority.
+        resources = cluster.resources(action.priority)
+        if not resources.try_acquire_request():
+            await ctx.send_local_reply(upstream_reset("overflow"))
+            return
+        try:
+            await exchange.run(timeout, idle_timeout)
+        finally:
+            resources.release_request()
 
     def _retry_stats_of(self, cluster: ClusterRuntime) -> RetryStats:
         found = self._retry_stats.get(cluster.name)
@@ -369,6 +379,7 @@ class _Exchange:
         "_ctx",
         "_envoy_headers",
         "_host",
+        "_lb_context",
         "_lease",
         "_response",
         "_retries",
@@ -392,6 +403,9 @@ class _Exchange:
         self._cluster = cluster
         self._action = action
         self._host: Host | None = None
+        # The consistent-hash key of the route's hash policies (RING_HASH, MAGLEV).
+        policies = action.hash_policies
+        self._lb_context = LbContext(compute_hash(policies, ctx.head, ctx.info)) if policies else None
         self._route_stats = route_stats
         self._retries = retries
         self._body = body
@@ -432,6 +446,7 @@ class _Exchange:
                 await self._fail(NO_HEALTHY_UPSTREAM)
                 return False
             outcome = await self._attempt(host)
+            _record_outcome(host, outcome)
             if isinstance(outcome, UpstreamResponse):
                 status_retry = retries is not None and retries.state.wants_retry_for_status(outcome.head)
                 if status_retry and self._may_retry():
@@ -454,13 +469,18 @@ class _Exchange:
         """The load balancer's pick; with the previous-hosts predicate, up to
         ``host_selection_retry_max_attempts`` picks avoid hosts already tried."""
         cluster, retries = self._cluster, self._retries
-        host = cluster.choose_host()
+        context = self._lb_context
+        host = cluster.choose_host(context)
         if retries is None or not retries.policy.avoid_previous_hosts or not retries.tried:
             return host
         for _ in range(retries.policy.host_selection_retry_max_attempts):
             if host is None or host not in retries.tried:
                 break
-            host = cluster.choose_host()
+            if context is not None:
+                context.attempt += 1  # hash balancers walk on to the next host
+            host = cluster.choose_host(context)
+        if context is not None:
+            context.attempt = 0
         return host
 
     def _may_retry(self) -> bool:
@@ -592,6 +612,8 @@ class _Exchange:
         ctx = self._ctx
         if fired == ROUTE_TIMEOUT:
             self._cluster.stats.rq_timeout.inc()
+            if self._host is not None:
+                self._host.record_result(504)  # outlier detection sees the timeout
             reply = UPSTREAM_TIMEOUT
         else:
             reply = STREAM_IDLE_TIMEOUT
@@ -620,6 +642,16 @@ class _Exchange:
             lease.release()
             return
         lease.release(reusable=completed)
+
+
+def _record_outcome(host: Host, outcome: UpstreamResponse | _Failure) -> None:
+    """Tell outlier detection how the attempt went: the upstream's status, or
+    the 5xx the proxy makes of a failure (a local overflow is no fault of
+    the host's)."""
+    if isinstance(outcome, UpstreamResponse):
+        host.record_result(outcome.head.status)
+    elif outcome.kind != OVERFLOW:
+        host.record_result(504 if outcome.kind == PER_TRY_TIMEOUT else 503)
 
 
 def _acquire_retry(cluster: ClusterRuntime) -> bool:

@@ -47,11 +47,16 @@ _RESET_FLAGS: dict[str, ResponseFlag] = {
 }
 
 
+_OVERLOADED = (("x-envoy-overloaded", "true"),)
+
+
 def upstream_reset(reason: str) -> LocalReply:
     """503 for an upstream that failed before sending a response head."""
     flag = _RESET_FLAGS.get(reason, ResponseFlag.UR)
     details = "upstream_reset_before_response_started{" + reason.replace(" ", "_") + "}"
-    return LocalReply(503, (_RESET_PREFIX + reason).encode(), flag, details)
+    # A circuit breaker's overflow tells the client the 503 is load shedding.
+    headers = _OVERLOADED if reason == "overflow" else ()
+    return LocalReply(503, (_RESET_PREFIX + reason).encode(), flag, details, headers)
 
 
 def reset_reason(exc: StreamReset) -> str:
