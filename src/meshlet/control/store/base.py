@@ -87,7 +87,10 @@ class Store(Protocol):
 
     def watch(self, kinds: Iterable[str] | None = None,
               start_revision: int | None = None) -> AsyncIterator[Event]:
-        """Changes after ``start_revision`` (from now when None) for ``kinds`` (all when None)."""
+        """Changes after ``start_revision`` for ``kinds`` (all when None). Without a
+        start revision, from the revision current when iteration begins (an async
+        generator runs at its first ``anext``), so pass the revision of the
+        ``snapshot()`` the watcher built its state from."""
         ...
 
     async def revision(self) -> int: ...
