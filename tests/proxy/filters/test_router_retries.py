@@ -352,3 +352,23 @@ async def test_no_host_at_all_is_503() -> None:
     async with running_proxy(config) as (_proxy, url), httpx.AsyncClient(base_url=url, timeout=5) as client:
         r = await client.get("/")
         assert (r.status_code, r.content) == (503, NO_HEALTHY_UPSTREAM.body)
+
+
+async def test_the_circuit_breaker_bounds_retries() -> None:
+    app = await App(handler=every_other_fails()).start()  # type: ignore[arg-type]
+    breakers = {"thresholds": [{"priority": "DEFAULT", "max_retries": 0}]}
+    config = bootstrap(
+        [retry_route({"retry_on": "5xx", "num_retries": 3})],
+        [cluster("app", [app.port], circuit_breakers=breakers)],
+    )
+    try:
+        async with (
+            running_proxy(config) as (proxy, url),
+            httpx.AsyncClient(base_url=url, timeout=5) as client,
+        ):
+            assert (await client.get("/")).status_code == 503
+            assert len(app.seen) == 1
+            assert stat(proxy, "cluster.app.upstream_rq_retry_overflow") == 1
+            assert stat(proxy, "cluster.app.upstream_rq_retry") == 0
+    finally:
+        app.close()

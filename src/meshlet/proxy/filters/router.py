@@ -351,7 +351,7 @@ class _Retries:
         self.state = RetryState(policy, draw)
         self.stats = stats
         self.attempts = 1
-        self.tried: set[Host] = set()
+        self.tried: set[object] = set()
 
     @property
     def policy(self) -> RetryPolicy:
@@ -383,6 +383,7 @@ class _Exchange:
         "_lease",
         "_response",
         "_retries",
+        "_retry_held",
         "_route_stats",
         "_sent_at",
         "_watchdog",
@@ -408,6 +409,7 @@ class _Exchange:
         self._lb_context = LbContext(compute_hash(policies, ctx.head, ctx.info)) if policies else None
         self._route_stats = route_stats
         self._retries = retries
+        self._retry_held = False
         self._body = body
         self._lease: Lease | None = None
         self._response: UpstreamResponse | None = None
@@ -431,6 +433,7 @@ class _Exchange:
             await self._timed_out(fired)
         finally:
             self._watchdog.stop()
+            self._release_retry()
             cluster.stats.rq_active.dec()
             self._end_attempt(completed)
             if self._body is not None:
@@ -446,6 +449,7 @@ class _Exchange:
                 await self._fail(NO_HEALTHY_UPSTREAM)
                 return False
             outcome = await self._attempt(host)
+            self._release_retry()
             _record_outcome(host, outcome)
             if isinstance(outcome, UpstreamResponse):
                 status_retry = retries is not None and retries.state.wants_retry_for_status(outcome.head)
@@ -466,22 +470,17 @@ class _Exchange:
             return False
 
     def _choose_host(self) -> Host | None:
-        """The load balancer's pick; with the previous-hosts predicate, up to
-        ``host_selection_retry_max_attempts`` picks avoid hosts already tried."""
-        cluster, retries = self._cluster, self._retries
+        """The load balancer's pick. With the previous-hosts predicate, a retry
+        re-picks up to ``host_selection_retry_max_attempts`` times to avoid
+        hosts already tried (Envoy: that many re-selections after the first)."""
+        retries = self._retries
         context = self._lb_context
-        host = cluster.choose_host(context)
-        if retries is None or not retries.policy.avoid_previous_hosts or not retries.tried:
-            return host
-        for _ in range(retries.policy.host_selection_retry_max_attempts):
-            if host is None or host not in retries.tried:
-                break
-            if context is not None:
-                context.attempt += 1  # hash balancers walk on to the next host
-            host = cluster.choose_host(context)
-        if context is not None:
-            context.attempt = 0
-        return host
+        if retries is not None and retries.policy.avoid_previous_hosts and retries.tried:
+            if context is None:
+                context = self._lb_context = LbContext()
+            context.tried = retries.tried
+            context.host_selection_attempts = retries.policy.host_selection_retry_max_attempts + 1
+        return self._cluster.choose_host(context)
 
     def _may_retry(self) -> bool:
         """Take a retry if the body can be replayed, the policy's budget and
@@ -496,8 +495,9 @@ class _Exchange:
             retries.stats.limit_exceeded.inc()
             self._ctx.info.flags |= ResponseFlag.URX
             return False
-        if not _acquire_retry(self._cluster):
-            return False
+        if not self._cluster.resources(self._action.priority).try_acquire_retry():
+            return False  # the circuit breaker counted upstream_rq_retry_overflow
+        self._retry_held = True
         retries.stats.retry.inc()
         retries.attempts += 1
         return True
@@ -505,10 +505,13 @@ class _Exchange:
     async def _back_off(self) -> None:
         retries = self._retries
         assert retries is not None
-        try:
-            await asyncio.sleep(retries.state.back_off())
-        finally:
-            _release_retry(self._cluster)
+        await asyncio.sleep(retries.state.back_off())
+
+    def _release_retry(self) -> None:
+        """The retry (its back-off and its attempt) is over: free its circuit-breaker slot."""
+        if self._retry_held:
+            self._retry_held = False
+            self._cluster.resources(self._action.priority).release_retry()
 
     async def _attempt(self, host: Host) -> UpstreamResponse | _Failure:
         ctx = self._ctx
@@ -652,18 +655,6 @@ def _record_outcome(host: Host, outcome: UpstreamResponse | _Failure) -> None:
         host.record_result(outcome.head.status)
     elif outcome.kind != OVERFLOW:
         host.record_result(504 if outcome.kind == PER_TRY_TIMEOUT else 503)
-
-
-def _acquire_retry(cluster: ClusterRuntime) -> bool:
-    """Take a retry slot of the cluster's circuit breaker (``max_retries``)."""
-    breakers = getattr(cluster, "circuit_breakers", None)
-    return breakers is None or bool(breakers.for_priority().try_acquire_retry())
-
-
-def _release_retry(cluster: ClusterRuntime) -> None:
-    breakers = getattr(cluster, "circuit_breakers", None)
-    if breakers is not None:
-        breakers.for_priority().release_retry()
 
 
 def _router_factory(cfg: HttpFilterConfig, runtime: ProxyRuntime, path: str) -> Router:
