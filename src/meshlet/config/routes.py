@@ -22,6 +22,7 @@ from meshlet.config.fields import (
     join,
     wrapped,
 )
+from meshlet.config.hash_policy import compile_hash_policies, compile_priority
 from meshlet.config.matchers import compile_header_matcher, compile_query_parameter_matcher, compile_regex
 from meshlet.config.model import (
     NO_MUTATION,
@@ -111,6 +112,8 @@ allow_fields(
     "retry_policy",
     "weighted_clusters",
     "request_mirror_policies",
+    "hash_policy",
+    "priority",
 )
 allow_fields(rc.WeightedCluster, "clusters", "total_weight", "runtime_key_prefix")
 allow_fields(rc.WeightedCluster.ClusterWeight, "name", "weight", *_MUTATION_FIELDS)
@@ -325,6 +328,8 @@ def compile_cluster_action(msg: Any, path: str) -> ClusterAction:
         weighted_clusters=weighted,
         total_weight=total,
         mirror_policies=_mirror_policies(msg, path),
+        hash_policies=compile_hash_policies(msg.hash_policy, join(path, "hash_policy")),
+        priority=compile_priority(msg, path),
     )
 
 
