@@ -194,10 +194,10 @@ def test_source_holds_json_ready_resources() -> None:
 def test_a_bad_resource_rejects_the_whole_config() -> None:
     data = base()
     data["static_resources"]["clusters"].append(
-        copy.deepcopy(cluster(data)) | {"name": "b", "lb_policy": "MAGLEV"}
+        copy.deepcopy(cluster(data)) | {"name": "b", "lb_policy": "CLUSTER_PROVIDED"}
     )
     error = refusal(data)
-    assert str(error) == "static_resources.clusters[1].lb_policy: MAGLEV is not supported yet"
+    assert str(error) == "static_resources.clusters[1].lb_policy: CLUSTER_PROVIDED is not supported yet"
 
 
 def test_unsupported_bootstrap_fields() -> None:
