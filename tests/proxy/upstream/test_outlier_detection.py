@@ -1,0 +1,150 @@
+"""Outlier detection under real traffic: consecutive 5xx and gateway
+failures eject a host, ejection time grows with repeated ejections, hosts
+come back after it, max_ejection_percent holds, success-rate outliers go."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+
+from upstream_traffic import (
+    Backend,
+    backends,
+    bootstrap,
+    clusters_page,
+    endpoints_yaml,
+    running_proxy,
+    spread,
+    stat,
+    wait_for,
+)
+
+from meshlet.config.model import OutlierDetectionConfig
+from meshlet.proxy.observe.stats import StatsStore
+from meshlet.proxy.server import Proxy
+from meshlet.proxy.upstream.cluster import ClusterRuntime, Host
+from meshlet.proxy.upstream.outlier import OutlierDetector, OutlierState
+
+
+def detected_cluster(bs: list[Backend], outlier: str) -> str:
+    return f"""    type: STATIC
+    outlier_detection: {outlier}
+    load_assignment:
+      cluster_name: svc
+      endpoints:
+      - lb_endpoints: {endpoints_yaml(bs)}
+"""
+
+
+def svc(proxy: Proxy) -> ClusterRuntime:
+    cluster = proxy.runtime.cluster_manager().get("svc")
+    assert cluster is not None
+    return cluster
+
+
+def host_of(proxy: Proxy, b: Backend) -> Host:
+    return next(h for h in svc(proxy).hosts if h.address.port == b.port)
+
+
+async def test_consecutive_5xx_ejects_and_readmits_with_growing_time() -> None:
+    outlier = (
+        "{ consecutive_5xx: 3, interval: 0.05s, base_ejection_time: 0.4s, max_ejection_time: 5s,"
+        " max_ejection_percent: 100 }"
+    )
+    async with backends(3) as bs, running_proxy(bootstrap(detected_cluster(bs, outlier))) as proxy:
+        bs[0].status = 500
+        counts = await spread(proxy, 60, concurrency=1)
+        host = host_of(proxy, bs[0])
+        assert host.outlier.ejected and bs[0].hits == 3  # three 5xx in a row, then out
+        assert counts["b0"] == 3 and counts["b1"] + counts["b2"] == 57
+        assert stat(proxy, "cluster.svc.outlier_detection.ejections_enforced_consecutive_5xx") == 1
+        assert stat(proxy, "cluster.svc.outlier_detection.ejections_active") == 1
+        page = await clusters_page(proxy)
+        assert f"svc::127.0.0.1:{bs[0].port}::health_flags::/failed_outlier_check" in page
+        # Back after base_ejection_time x 1, still failing: out again at once,
+        # now for base_ejection_time x 2.
+        await wait_for(lambda: not host.outlier.ejected, timeout=3)
+        await spread(proxy, 30, concurrency=1)
+        assert host.outlier.ejected and host.outlier.ejections == 2
+        await asyncio.sleep(0.55)  # past one base time: a first ejection would be over
+        assert host.outlier.ejected
+        bs[0].status = 200
+        await wait_for(lambda: not host.outlier.ejected, timeout=3)
+        assert stat(proxy, "cluster.svc.outlier_detection.ejections_active") == 0
+        assert set(await spread(proxy, 30)) == {"b0", "b1", "b2"}
+
+
+async def test_gateway_failures_and_connect_errors_eject() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = Backend("dead")
+        dead.port = s.getsockname()[1]
+    outlier = (
+        "{ consecutive_5xx: 100, consecutive_gateway_failure: 2, enforcing_consecutive_gateway_failure: 100,"
+        " interval: 10s, base_ejection_time: 10s, max_ejection_percent: 100 }"
+    )
+    async with backends(3) as bs:
+        bs[0].status = 502
+        config = detected_cluster([bs[0], bs[1], bs[2], dead], outlier)
+        async with running_proxy(bootstrap(config)) as proxy:
+            await spread(proxy, 30, concurrency=1)
+            assert host_of(proxy, bs[0]).outlier.ejected
+            assert host_of(proxy, dead).outlier.ejected
+            assert not host_of(proxy, bs[1]).outlier.ejected
+            enforced = "cluster.svc.outlier_detection.ejections_enforced_consecutive_gateway_failure"
+            assert stat(proxy, enforced) == 2
+            # Two of four hosts left (50 %, not below the panic threshold).
+            assert await spread(proxy, 20) == {"b1": 10, "b2": 10}
+
+
+async def test_max_ejection_percent_caps_ejections() -> None:
+    outlier = "{ consecutive_5xx: 2, interval: 10s, base_ejection_time: 10s, max_ejection_percent: 50 }"
+    async with backends(4) as bs, running_proxy(bootstrap(detected_cluster(bs, outlier))) as proxy:
+        for b in bs:
+            b.status = 500
+        await spread(proxy, 80, concurrency=1)
+        ejected = [h for h in svc(proxy).hosts if h.outlier.ejected]
+        assert len(ejected) == 2  # half of four, however many fail
+        assert (stat(proxy, "cluster.svc.outlier_detection.ejections_overflow") or 0) >= 1
+        assert stat(proxy, "cluster.svc.outlier_detection.ejections_active") == 2
+
+
+async def test_success_rate_outlier_is_ejected() -> None:
+    outlier = (
+        "{ consecutive_5xx: 1000, interval: 0.3s, base_ejection_time: 10s, max_ejection_percent: 100,"
+        " success_rate_minimum_hosts: 5, success_rate_request_volume: 10, success_rate_stdev_factor: 1000 }"
+    )
+    async with backends(5) as bs, running_proxy(bootstrap(detected_cluster(bs, outlier))) as proxy:
+        bs[0].status = 500
+        host = host_of(proxy, bs[0])
+        async with asyncio.timeout(5):
+            while not host.outlier.ejected:
+                await spread(proxy, 100)
+        assert stat(proxy, "cluster.svc.outlier_detection.ejections_enforced_success_rate") == 1
+        assert not any(h.outlier.ejected for h in svc(proxy).hosts if h is not host)
+
+
+class _FakeHost:
+    def __init__(self) -> None:
+        self.outlier = OutlierState()
+
+
+def test_enforcing_percentage_and_success_rate_need_enough_hosts() -> None:
+    now = [0.0]
+    changed: list[object] = []
+    scope = StatsStore().scope("cluster.", "envoy_cluster_name", "x")
+    cfg = OutlierDetectionConfig(consecutive_5xx=1, enforcing_consecutive_5xx=0, max_ejection_percent=100)
+    detector = OutlierDetector(cfg, scope, changed.append, clock=lambda: now[0], rng=random.Random(1))
+    hosts = [_FakeHost() for _ in range(4)]
+    detector.set_hosts(hosts)
+    detector.record(hosts[0], 500)
+    assert not hosts[0].outlier.ejected and not changed  # detected, never enforced
+    # Success rate with only 4 hosts (minimum 5): nobody is judged.
+    rate = OutlierDetectionConfig(consecutive_5xx=1000, success_rate_request_volume=1, max_ejection_percent=100)
+    detector = OutlierDetector(rate, scope, changed.append, clock=lambda: now[0])
+    detector.set_hosts(hosts)
+    for h in hosts:
+        detector.record(h, 500 if h is hosts[0] else 200)
+    detector.sweep()
+    assert not hosts[0].outlier.ejected
