@@ -222,7 +222,7 @@ def test_secrets_are_redacted_in_the_config_source(pki: Pki) -> None:
         (
             {"tls_certificate_sds_secret_configs": [{"name": "s", "sds_config": {"ads": {}}}]},
             "tls_certificate_sds_secret_configs[0].sds_config",
-            "sds_config is not supported yet",
+            "sds_config needs xDS: the bootstrap's dynamic_resources.ads_config",
         ),
         (
             {"tls_params": {"tls_minimum_protocol_version": "TLSv1_0"}},

@@ -403,8 +403,9 @@ def test_hcm_refusals(change: dict[str, Any], path: str, message: str) -> None:
 def test_rds_is_refused() -> None:
     data = base()
     del hcm(data)["route_config"]
-    hcm(data)["rds"] = {"route_config_name": "x"}
-    assert str(refusal(data)) == f"{HCM_PATH}.rds: rds is not supported yet"
+    hcm(data)["rds"] = {"route_config_name": "x", "config_source": {"ads": {}}}
+    needs_xds = "rds needs xDS: the bootstrap's dynamic_resources.ads_config"
+    assert str(refusal(data)) == f"{HCM_PATH}.rds: {needs_xds}"
 
 
 def test_router_must_be_last_and_present() -> None:
@@ -1132,7 +1133,7 @@ def test_legacy_cluster_http2_protocol_options() -> None:
     ("change", "path", "message"),
     [
         ({"lb_policy": "CLUSTER_PROVIDED"}, "lb_policy", "CLUSTER_PROVIDED is not supported yet"),
-        ({"type": "EDS"}, "type", "EDS is not supported yet"),
+        ({"type": "EDS"}, "type", "an EDS cluster needs xDS: the bootstrap's dynamic_resources.ads_config"),
         ({"health_checks": [{"timeout": "1s"}]}, "health_checks[0]", "one of http_health_check"),
         (
             {"circuit_breakers": {"per_host_thresholds": [{}]}},

@@ -12,6 +12,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
 from envoy.type.v3 import percent_pb2
 
 from meshlet.config.address import compile_address
+from meshlet.config.dynamic import eds_load_assignment
 from meshlet.config.extensions import type_url_of, unpack_any
 from meshlet.config.fields import (
     allow_fields,
@@ -50,6 +51,7 @@ allow_fields(
     "lb_policy",
     "connect_timeout",
     "load_assignment",
+    "eds_cluster_config",
     "transport_socket",
     "http2_protocol_options",
     "typed_extension_protocol_options",
@@ -116,19 +118,12 @@ def compile_cluster(msg: Any, path: str) -> Cluster:
     check_fields(msg, path)
     if not msg.name:
         raise ConfigError(join(path, "name"), "is required")
-    discovery = DiscoveryType(check_enum(msg, "type", path, ("STATIC", "STRICT_DNS")))
+    discovery = DiscoveryType(check_enum(msg, "type", path, ("STATIC", "STRICT_DNS", "EDS")))
     lb_policy = LbPolicy(check_enum(msg, "lb_policy", path, [p.value for p in LbPolicy]))
     connect_timeout = duration_field(msg, "connect_timeout", path, _DEFAULT_CONNECT_TIMEOUT)
     if connect_timeout is None:
         raise ConfigError(join(path, "connect_timeout"), "must be greater than 0")
-    if not msg.HasField("load_assignment"):
-        raise ConfigError(join(path, "load_assignment"), f"is required for a {discovery.value} cluster")
-    assignment = compile_cluster_load_assignment(
-        msg.load_assignment,
-        join(path, "load_assignment"),
-        allow_hostnames=discovery is DiscoveryType.STRICT_DNS,
-        default_name=msg.name,
-    )
+    assignment = _load_assignment(msg, path, discovery)
     transport = None
     if msg.HasField("transport_socket"):
         transport = compile_transport_socket(
@@ -155,6 +150,19 @@ def compile_cluster(msg: Any, path: str) -> Cluster:
         lb=compile_lb_settings(msg, path, lb_policy),
         **_protocol_options(msg, path),
         **extras,
+    )
+
+
+def _load_assignment(msg: Any, path: str, discovery: DiscoveryType) -> ClusterLoadAssignment:
+    if discovery is DiscoveryType.EDS:
+        return eds_load_assignment(msg, path)
+    if not msg.HasField("load_assignment"):
+        raise ConfigError(join(path, "load_assignment"), f"is required for a {discovery.value} cluster")
+    return compile_cluster_load_assignment(
+        msg.load_assignment,
+        join(path, "load_assignment"),
+        allow_hostnames=discovery is DiscoveryType.STRICT_DNS,
+        default_name=msg.name,
     )
 
 

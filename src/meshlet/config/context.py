@@ -13,8 +13,18 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from meshlet.config.model import Secret
+from meshlet.config.model import ClusterLoadAssignment, RouteConfiguration, Secret
 from meshlet.proxy.routing.regex import RegexEngine, regex_engine
+
+
+@dataclass(frozen=True)
+class DynamicResources:
+    """Resources delivered over xDS that others refer to by name: RDS route
+    configurations for ``rds`` and EDS assignments for EDS clusters (SDS secrets
+    go into ``CompileContext.secrets``)."""
+
+    route_configs: Mapping[str, RouteConfiguration] = field(default_factory=dict)
+    load_assignments: Mapping[str, ClusterLoadAssignment] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,10 @@ class CompileContext:
     # Cluster names routes and tcp_proxy may refer to; None: not checked here
     # (xDS delivers clusters separately from listeners and routes).
     clusters: frozenset[str] | None = None
+    # Set when compiling resources from xDS: references through an ADS config
+    # source (rds, eds_cluster_config, sds_config) resolve here. None for a
+    # static bootstrap, which refuses them.
+    dynamic: DynamicResources | None = None
 
 
 _current: ContextVar[CompileContext | None] = ContextVar("meshlet_compile_context", default=None)

@@ -15,6 +15,7 @@ from meshlet.config import context
 from meshlet.config import fault as _fault  # noqa: F401  (registers envoy.filters.http.fault)
 from meshlet.config import ratelimit as _ratelimit  # noqa: F401  (registers local_ratelimit)
 from meshlet.config.access_log import compile_access_logs
+from meshlet.config.dynamic import rds_route_config
 from meshlet.config.extensions import compile_extension, resolve_extension, type_url_of
 from meshlet.config.fields import allow_fields, check_enum, check_fields, duration_field, index, join, wrapped
 from meshlet.config.model import (
@@ -40,6 +41,7 @@ allow_fields(
     "codec_type",
     "stat_prefix",
     "route_config",
+    "rds",
     "http_filters",
     "access_log",
     "max_request_headers_kb",
@@ -75,9 +77,12 @@ def compile_http_connection_manager(msg: Any, path: str) -> HttpConnectionManage
     check_fields(msg, path)
     if not msg.stat_prefix:
         raise ConfigError(join(path, "stat_prefix"), "is required")
-    if not msg.HasField("route_config"):
-        raise ConfigError(join(path, "route_config"), "is required (rds is not supported yet)")
-    route_config = compile_route_configuration(msg.route_config, join(path, "route_config"))
+    if msg.HasField("rds"):
+        route_config = rds_route_config(msg.rds, join(path, "rds"))
+    elif msg.HasField("route_config"):
+        route_config = compile_route_configuration(msg.route_config, join(path, "route_config"))
+    else:
+        raise ConfigError(join(path, "route_config"), "is required (or rds)")
     filters = _with_stat_prefix(
         compile_http_filters(msg.http_filters, join(path, "http_filters")), msg.stat_prefix
     )

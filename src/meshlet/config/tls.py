@@ -23,6 +23,7 @@ from xds.type.v3 import typed_struct_pb2
 import meshlet.keys  # noqa: F401 - registers the key providers
 from meshlet.config import context
 from meshlet.config.datasource import describe_data_source, read_data_source
+from meshlet.config.dynamic import check_sds_source
 from meshlet.config.extensions import compile_extension, type_url_of, unpack_any
 from meshlet.config.fields import allow_fields, check_enum, check_fields, index, join
 from meshlet.config.matchers import compile_string_matcher
@@ -73,7 +74,7 @@ allow_fields(
     "trust_chain_verification",
 )
 allow_fields(common_pb2.SubjectAltNameMatcher, "san_type", "matcher")
-allow_fields(secret_pb2.SdsSecretConfig, "name")
+allow_fields(secret_pb2.SdsSecretConfig, "name", "sds_config")
 allow_fields(secret_pb2.Secret, "name", "tls_certificate", "validation_context")
 allow_fields(raw_buffer_pb2.RawBuffer)
 
@@ -198,11 +199,13 @@ def _sds_secret(msg: Any, path: str) -> Secret:
     check_fields(msg, path)
     if not msg.name:
         raise ConfigError(join(path, "name"), "is required")
+    if msg.HasField("sds_config"):
+        check_sds_source(msg.sds_config, join(path, "sds_config"))
     secret = context.current().secrets.get(msg.name)
     if secret is None:
-        raise ConfigError(
-            join(path, "name"), f"secret {msg.name!r} is not defined in static_resources.secrets"
-        )
+        dynamic = msg.HasField("sds_config")
+        where = "was not received over SDS" if dynamic else "is not defined in static_resources.secrets"
+        raise ConfigError(join(path, "name"), f"secret {msg.name!r} {where}")
     return secret
 
 

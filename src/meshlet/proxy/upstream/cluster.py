@@ -337,8 +337,8 @@ class ClusterRuntime:
         codec_factory: CodecFactory = default_codec,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if config.discovery is DiscoveryType.EDS:
-            raise UnsupportedConfig("type", "EDS clusters are not supported yet")
+        if config.discovery is DiscoveryType.EDS and config.load_assignment is None:
+            raise UnsupportedConfig("type", "an EDS cluster needs its endpoints from EDS")
         self.name = config.name
         self.config = config
         self._clock = clock
@@ -362,7 +362,8 @@ class ClusterRuntime:
         localities = config.load_assignment.localities if config.load_assignment else ()
         self._placements = _placements(localities, by_name=config.discovery is DiscoveryType.STRICT_DNS)
         endpoints = config.load_assignment.all_endpoints() if config.load_assignment else ()
-        if config.discovery is DiscoveryType.STATIC:
+        if config.discovery is not DiscoveryType.STRICT_DNS:
+            # STATIC, or EDS: the xDS client compiled the assignment into the config.
             self.set_endpoints(endpoints)
         else:
             self._dns = DnsRefresher(
