@@ -141,7 +141,9 @@ def test_enforcing_percentage_and_success_rate_need_enough_hosts() -> None:
     detector.record(hosts[0], 500)
     assert not hosts[0].outlier.ejected and not changed  # detected, never enforced
     # Success rate with only 4 hosts (minimum 5): nobody is judged.
-    rate = OutlierDetectionConfig(consecutive_5xx=1000, success_rate_request_volume=1, max_ejection_percent=100)
+    rate = OutlierDetectionConfig(
+        consecutive_5xx=1000, success_rate_request_volume=1, max_ejection_percent=100
+    )
     detector = OutlierDetector(rate, scope, changed.append, clock=lambda: now[0])
     detector.set_hosts(hosts)
     for h in hosts:
