@@ -66,7 +66,7 @@ from meshlet.proxy.routing import apply_header_mutation, redirect_location, requ
 from meshlet.proxy.upstream.cluster import ClusterRuntime, Host
 from meshlet.proxy.upstream.hashing import compute_hash
 from meshlet.proxy.upstream.lb import LbContext
-from meshlet.proxy.upstream.pool import Lease, UpstreamConnectError
+from meshlet.proxy.upstream.pool import ConnectionPool, Lease, UpstreamConnectError
 
 if TYPE_CHECKING:
     from meshlet.proxy.runtime import ProxyRuntime
@@ -533,10 +533,11 @@ class _Exchange:
         per_try = retries.policy.per_try_timeout if retries is not None else None
         pool = host.pool(self._cluster.pool_kind(head.version))
         try:
-            async with asyncio.timeout(per_try):
-                self._lease = await pool.acquire()
-                self._sent_at = time.monotonic()
-                self._response = await self._lease.connection.request(head, body)
+            if per_try is None:  # the usual case: no timer of its own
+                self._response = await self._send(pool, head, body)
+            else:
+                async with asyncio.timeout(per_try):
+                    self._response = await self._send(pool, head, body)
         except TimeoutError:
             assert retries is not None
             retries.stats.per_try_timeout.inc()
@@ -551,6 +552,13 @@ class _Exchange:
             kind = REFUSED_STREAM if exc.code == "REFUSED_STREAM" else RESET
             return _Failure(upstream_reset(reset_reason(exc)), kind)
         return self._response
+
+    async def _send(
+        self, pool: ConnectionPool, head: RequestHead, body: BodyStream | None
+    ) -> UpstreamResponse:
+        self._lease = await pool.acquire()
+        self._sent_at = time.monotonic()
+        return await self._lease.connection.request(head, body)
 
     def _discard(self, response: UpstreamResponse) -> None:
         """Drop a response that will be retried (its stats still count)."""
