@@ -24,6 +24,7 @@ from google.protobuf import json_format
 from meshlet.config.address import compile_address
 from meshlet.config.clusters import compile_cluster, compile_cluster_load_assignment
 from meshlet.config.context import CompileContext, compiling
+from meshlet.config.dynamic import compile_dynamic_resources
 from meshlet.config.fields import allow_fields, check_fields, index, join
 from meshlet.config.filters import compile_http_connection_manager, compile_tcp_proxy
 from meshlet.config.listeners import compile_listener
@@ -57,7 +58,9 @@ __all__ = [
     "redact",
 ]
 
-allow_fields(bootstrap_pb2.Bootstrap, "node", "static_resources", "admin", "layered_runtime")
+allow_fields(
+    bootstrap_pb2.Bootstrap, "node", "static_resources", "dynamic_resources", "admin", "layered_runtime"
+)
 allow_fields(bootstrap_pb2.Bootstrap.StaticResources, "listeners", "clusters", "secrets")
 allow_fields(bootstrap_pb2.Admin, "address", "access_log_path")
 allow_fields(base_pb2.Node, "id", "cluster")
@@ -99,6 +102,9 @@ def compile_bootstrap(bootstrap: Any, *, settings_overrides: Mapping[str, str] |
     with compiling(CompileContext(regex=ctx.regex, secrets=secrets, clusters=frozenset(clusters))):
         listeners = _compile_named(static.listeners, "static_resources.listeners", compile_listener)
     _check_unique_addresses(listeners)
+    ads = None
+    if bootstrap.HasField("dynamic_resources"):
+        ads = compile_dynamic_resources(bootstrap.dynamic_resources, "dynamic_resources", clusters)
     node_id, node_cluster = _node(bootstrap)
     return ProxyConfig(
         listeners=listeners,
@@ -109,6 +115,7 @@ def compile_bootstrap(bootstrap: Any, *, settings_overrides: Mapping[str, str] |
         node_id=node_id,
         node_cluster=node_cluster,
         settings=settings,
+        ads=ads,
         source=_source(bootstrap),
     )
 

@@ -9,20 +9,66 @@ none and refuses such references.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import config_source_pb2
+from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 
 from meshlet.config import context
 from meshlet.config.fields import allow_fields, check_enum, check_fields, join
-from meshlet.config.model import ClusterLoadAssignment, RouteConfiguration
+from meshlet.config.model import AdsConfig, Cluster, ClusterLoadAssignment, RouteConfiguration
 from meshlet.errors import ConfigError, UnsupportedConfig
 
 allow_fields(config_source_pb2.ConfigSource, "ads", "resource_api_version")
 allow_fields(hcm.Rds, "config_source", "route_config_name")
 allow_fields(cluster_pb2.Cluster.EdsClusterConfig, "eds_config", "service_name")
+allow_fields(bootstrap_pb2.Bootstrap.DynamicResources, "ads_config", "lds_config", "cds_config")
+allow_fields(
+    config_source_pb2.ApiConfigSource,
+    "api_type",
+    "transport_api_version",
+    "grpc_services",
+    "set_node_on_first_message_only",
+)
+allow_fields(grpc_service_pb2.GrpcService, "envoy_grpc")
+allow_fields(grpc_service_pb2.GrpcService.EnvoyGrpc, "cluster_name")
+
+
+def compile_dynamic_resources(msg: Any, path: str, clusters: Mapping[str, Cluster]) -> AdsConfig:
+    """The bootstrap's ``dynamic_resources``: an ADS stream to a static cluster."""
+    check_fields(msg, path)
+    ads_path = join(path, "ads_config")
+    if not msg.HasField("ads_config"):
+        raise ConfigError(ads_path, "is required (meshlet takes dynamic resources over ADS)")
+    ads = msg.ads_config
+    check_fields(ads, ads_path)
+    api_type = check_enum(ads, "api_type", ads_path, ("GRPC", "DELTA_GRPC"))
+    check_enum(ads, "transport_api_version", ads_path, ("AUTO", "V3"))
+    if len(ads.grpc_services) != 1:
+        raise ConfigError(join(ads_path, "grpc_services"), "exactly one gRPC service is required")
+    service_path = join(ads_path, "grpc_services[0]")
+    service = ads.grpc_services[0]
+    check_fields(service, service_path)
+    if not service.HasField("envoy_grpc"):
+        raise ConfigError(join(service_path, "envoy_grpc"), "is required")
+    check_fields(service.envoy_grpc, join(service_path, "envoy_grpc"))
+    cluster = service.envoy_grpc.cluster_name
+    if cluster not in clusters:
+        raise ConfigError(
+            join(service_path, "envoy_grpc.cluster_name"), f"{cluster!r} is not a static cluster"
+        )
+    for name in ("lds_config", "cds_config"):
+        if msg.HasField(name):
+            check_ads_source(getattr(msg, name), join(path, name))
+    return AdsConfig(
+        cluster=cluster,
+        delta=api_type == "DELTA_GRPC",
+        lds=msg.HasField("lds_config"),
+        cds=msg.HasField("cds_config"),
+    )
 
 
 def check_ads_source(msg: Any, path: str) -> None:

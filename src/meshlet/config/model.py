@@ -733,6 +733,18 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdsConfig:
+    """``dynamic_resources``: listeners and clusters (and what they name) over one ADS stream."""
+
+    # The static cluster of the management server (envoy_grpc.cluster_name).
+    cluster: str
+    # api_type DELTA_GRPC; otherwise GRPC (state of the world).
+    delta: bool = False
+    lds: bool = True  # lds_config: {ads: {}}
+    cds: bool = True  # cds_config: {ads: {}}
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConfig:
     """Everything one proxy runs, as plain objects. Replaced whole, atomically."""
 
@@ -746,6 +758,8 @@ class ProxyConfig:
     # Process-wide settings from the bootstrap's meshlet extension (layered runtime):
     # e.g. {"tls_engine": "openssl", "regex_engine": "re"}.
     settings: dict[str, str] = field(default_factory=dict)
+    # The bootstrap's dynamic_resources, when config also comes over xDS.
+    ads: AdsConfig | None = None
     # The source config as JSON-ready dicts per resource, for /config_dump.
     source: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
