@@ -114,3 +114,31 @@ async def test_a_route_override_has_its_own_bucket() -> None:
         assert [(await client.get("/strict")).status_code for _ in range(2)] == [200, 429]
         assert [(await client.get("/other")).status_code for _ in range(3)] == [200] * 3
     assert stat(proxy, "strict.http_local_rate_limit.rate_limited") == 1  # type: ignore[arg-type]
+
+
+async def test_curl_sees_the_429_and_its_headers() -> None:
+    config = limiter(
+        {"max_tokens": 1, "fill_interval": "60s"},
+        response_headers_to_add=[{"header": {"key": "x-local-rate-limit", "value": "true"}}],
+        enable_x_ratelimit_headers="DRAFT_VERSION_03",
+    )
+    async with proxied(config) as (_proxy, client):
+        url = str(client.base_url).rstrip("/") + "/c"
+        outputs = []
+        for _ in range(2):
+            proc = await asyncio.create_subprocess_exec(
+                "curl", "-s", "-i", "--max-time", "5", url, stdout=asyncio.subprocess.PIPE
+            )
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), 10)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            outputs.append(out.decode("latin-1").lower())
+    assert outputs[0].startswith("http/1.1 200")
+    assert outputs[1].startswith("http/1.1 429")
+    assert "x-local-rate-limit: true" in outputs[1]
+    assert "x-ratelimit-limit: 1" in outputs[1]
+    assert "x-ratelimit-remaining: 0" in outputs[1]
+    assert outputs[1].endswith("local_rate_limited")
