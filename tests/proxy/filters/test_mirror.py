@@ -148,3 +148,55 @@ async def test_bodies_beyond_the_buffer_limit_are_not_mirrored() -> None:
     finally:
         app.close()
         shadow.close()
+
+
+async def test_copies_in_flight_are_bounded() -> None:
+    from meshlet.config.model import (
+        Cluster,
+        ClusterLoadAssignment,
+        DiscoveryType,
+        Endpoint,
+        LocalityEndpoints,
+        MirrorPolicy,
+        SocketAddress,
+    )
+    from meshlet.proxy.filters.mirror import Mirror
+    from meshlet.proxy.http.stream import RequestHead
+    from meshlet.proxy.runtime import ProxyRuntime
+    from meshlet.proxy.upstream.manager import ClusterManager
+
+    release = asyncio.Event()
+
+    async def held(app: App, seen: Seen) -> Reply:
+        await release.wait()
+        return 200, [], b""
+
+    shadow = await App("shadow", held).start()
+    runtime = ProxyRuntime()
+    runtime.clusters = ClusterManager(runtime)
+    endpoint = Endpoint(SocketAddress("127.0.0.1", shadow.port))
+    runtime.clusters.update(
+        {
+            "shadow": Cluster(
+                "shadow",
+                DiscoveryType.STATIC,
+                load_assignment=ClusterLoadAssignment("shadow", (LocalityEndpoints((endpoint,)),)),
+            )
+        }
+    )
+    mirror = Mirror(runtime, max_in_flight=2)
+    try:
+        for _ in range(5):
+            mirror.shadow(
+                (MirrorPolicy("shadow"),), RequestHead("GET", "http", "a:1", "/"), None, 5.0, lambda n: 0
+            )
+        assert mirror.in_flight == 2
+        assert mirror.dropped.value == 3
+        await wait_for(lambda: len(shadow.seen) == 2)
+        release.set()
+        await wait_for(lambda: mirror.in_flight == 0)
+        assert mirror.sent.value == 2
+    finally:
+        await mirror.close()
+        runtime.clusters.close()
+        shadow.close()
