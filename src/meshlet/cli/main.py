@@ -23,6 +23,7 @@ COMMANDS: dict[str, LazyCommand] = {
     "bench": LazyCommand("meshlet.cli.bench:bench", "Run a benchmark experiment (meshlet bench --help)."),
     "doctor": LazyCommand("meshlet.cli.doctor:doctor", "Check Python, event loop, regex engines, crypto_mb."),
     "keyserver": LazyCommand("meshlet.cli.keyserver:keyserver", "Run the key server; manage its keys."),
+    "ca": LazyCommand("meshlet.cli.ca:ca", "The mesh CA: SVIDs, bootstrap tokens, root rotation."),
 }
 
 

@@ -38,7 +38,12 @@ MAX_TOKEN_LENGTH = 128
 
 
 class TokenRefused(MeshletError):
-    """A token was not accepted; the message is the reason (safe to return to the caller)."""
+    """A token was not accepted; the message is the reason (safe to return to the caller).
+    ``wrong_identity``: the token is genuine but bound to another identity."""
+
+    def __init__(self, message: str, *, wrong_identity: bool = False) -> None:
+        super().__init__(message)
+        self.wrong_identity = wrong_identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +199,8 @@ class BootstrapTokens:
             raise TokenRefused(f"bootstrap token is for {record.purpose!r}, not {purpose!r}")
         if record.spiffe_id != str(spiffe_id):
             raise TokenRefused(
-                f"bootstrap token is bound to {record.spiffe_id}; the request asks for {spiffe_id}"
+                f"bootstrap token is bound to {record.spiffe_id}; the request asks for {spiffe_id}",
+                wrong_identity=True,
             )
         return record
 
