@@ -106,3 +106,33 @@ async def test_priorities_fail_over_when_p0_is_down() -> None:
             bs[0].healthy = True
             await wait_for(lambda: not cluster_rt.hosts[0].failed_active_hc)
             assert await spread(proxy, 50) == {"b0": 50}
+
+
+async def test_slow_start_ramps_a_host_back_in() -> None:
+    """A host that passes its health check again starts at
+    min_weight_percent of its weight and ramps up over the window."""
+    async with backends(2) as bs:
+        cluster = f"""    type: STATIC
+    round_robin_lb_config:
+      slow_start_config: {{ slow_start_window: 30s, min_weight_percent: {{ value: 10 }} }}
+    common_lb_config: {{ healthy_panic_threshold: {{ value: 0 }} }}
+    health_checks:
+    - {{ timeout: 0.5s, interval: 0.05s, no_traffic_interval: 0.05s, unhealthy_threshold: 1,
+        healthy_threshold: 1, http_health_check: {{ path: /healthz }} }}
+    load_assignment:
+      cluster_name: svc
+      endpoints:
+      - lb_endpoints: {endpoints_yaml(bs)}
+"""
+        async with running_proxy(bootstrap(cluster)) as proxy:
+            svc = proxy.runtime.cluster_manager().get("svc")
+            assert svc is not None
+            # Hosts of the first membership are not ramped.
+            assert await spread(proxy, 100) == {"b0": 50, "b1": 50}
+            bs[0].healthy = False
+            await wait_for(lambda: svc.hosts[0].failed_active_hc)
+            bs[0].healthy = True
+            await wait_for(lambda: not svc.hosts[0].failed_active_hc)
+            counts = await spread(proxy, 1000)
+    # Weight 0.1 (rising by ~1 % of full per 0.3 s) against 1: about 9 %.
+    assert 0.04 < counts["b0"] / 1000 < 0.16, counts

@@ -143,6 +143,7 @@ class Host:
         "outlier",
         "priority",
         "slow_start_since",
+        "was_healthy",
         "weight",
     )
 
@@ -166,6 +167,9 @@ class Host:
         # When the host's weight ramp (slow start) began; None: not ramping.
         self.slow_start_since: float | None = None
         self.healthy = True
+        # Whether it ever was healthy: its first health check passing is not
+        # a return to service (no slow start for the initial membership).
+        self.was_healthy = False
         self._pools: dict[str, ConnectionPool] = {}
         self.update_health()
 
@@ -176,6 +180,12 @@ class Host:
         changed = healthy != self.healthy
         self.healthy = healthy
         return changed
+
+    def mark_seen_healthy(self) -> bool:
+        """Note that the host is healthy now; True if it had been before."""
+        before = self.was_healthy
+        self.was_healthy = self.was_healthy or self.healthy
+        return before
 
     def record_result(self, status: int) -> None:
         """One request's outcome for outlier detection: the upstream's status
@@ -350,7 +360,9 @@ class ClusterRuntime:
         self.circuit_breakers = CircuitBreakerSet(config.circuit_breakers, scope)
         self.outlier: OutlierDetector | None = None
         if config.outlier_detection is not None:
-            self.outlier = OutlierDetector(config.outlier_detection, scope, self._health_changed, clock=clock)
+            self.outlier = OutlierDetector(
+                config.outlier_detection, scope, self._ejection_changed, clock=clock
+            )
         self.health_checkers = [
             HealthChecker(hc, self, scope, self._health_changed, clock=clock) for hc in config.health_checks
         ]
@@ -418,6 +430,7 @@ class ClusterRuntime:
             placement = self._placement_of(ep)
             if host is None:
                 host = Host(self, ep, placement)
+                host.mark_seen_healthy()
                 if self._has_hosts:
                     host.slow_start_since = self._clock()
             else:
@@ -447,12 +460,21 @@ class ClusterRuntime:
             (ep.address.host, ep.address.port), NO_PLACEMENT
         )
 
+    def _ejection_changed(self, host: Host) -> None:
+        """Outlier detection ejected or re-admitted a host (no slow start:
+        as in Envoy, only new hosts and passed health checks ramp up)."""
+        host.update_health()
+        self._rebuild_lb()
+
     def _health_changed(self, host: Host | None = None) -> None:
-        """Health checking or outlier detection changed a host's state."""
+        """Active health checking changed a host's state (None: a first
+        round of checks completed without changing anything)."""
         if host is not None:
             became_healthy = not host.healthy
-            if host.update_health() and became_healthy and self._lb_slow_start:
-                host.slow_start_since = self._clock()
+            if host.update_health() and became_healthy:
+                returning = host.mark_seen_healthy()
+                if returning and self._lb_slow_start:
+                    host.slow_start_since = self._clock()
         self._rebuild_lb()
         self._update_ready()
 
