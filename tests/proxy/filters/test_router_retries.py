@@ -372,3 +372,21 @@ async def test_the_circuit_breaker_bounds_retries() -> None:
             assert stat(proxy, "cluster.app.upstream_rq_retry") == 0
     finally:
         app.close()
+
+
+async def test_http2_request_bodies_are_replayed() -> None:
+    app = await App(handler=every_other_fails()).start()  # type: ignore[arg-type]
+    config = bootstrap([retry_route({"retry_on": "5xx", "num_retries": 1})], [cluster("app", [app.port])])
+    body = bytes(range(256)) * 200  # 51 KiB: several DATA frames and window updates
+    try:
+        async with (
+            running_proxy(config) as (_proxy, url),
+            httpx.AsyncClient(base_url=url, timeout=5, http1=False, http2=True) as client,
+        ):
+            for _ in range(3):
+                r = await client.post("/h2", content=body)
+                assert (r.status_code, r.http_version) == (200, "HTTP/2")
+            assert len(app.seen) == 6
+            assert all(s.body == body for s in app.seen)
+    finally:
+        app.close()
