@@ -19,7 +19,12 @@ import yaml
 from meshlet.bench.apps import start_upstream
 from meshlet.bench.configs import single_route_proxy
 from meshlet.bench.procs import Child, free_port, wait_for_port
+from meshlet.config.context import CompileContext, compiling
+from meshlet.config.loader import parse_resource
+from meshlet.config.routes import compile_route_configuration
 from meshlet.errors import ConfigError
+from meshlet.proxy.http.stream import RequestHead
+from meshlet.proxy.routing import RouteTable
 from meshlet.proxy.routing.regex import Predicate, RegexEngine, compiled_pattern, regex_engine
 
 ENGINES = ("re", "re2", "hyperscan")
@@ -267,3 +272,41 @@ def test_proxy_refuses_a_pattern_its_engine_cannot_take(tmp_path: Path, name: st
     log = (tmp_path / "proxy.log").read_text()
     assert "routes[0].match.safe_regex.regex" in log
     assert ("RE2 cannot compile" if name == "re2" else "Hyperscan cannot compile") in log
+
+
+# --------------------------------------------------------------------------- #
+# Header matchers and compile caching
+# --------------------------------------------------------------------------- #
+
+
+def test_header_regex_matchers_use_the_engine(engine: RegexEngine) -> None:
+    data = {"virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": [{
+        "match": {"prefix": "/", "headers": [{"name": "x-version", "string_match": {
+            "safe_regex": {"regex": r"v[0-9]+\.[0-9]+"}}}]},
+        "direct_response": {"status": 200},
+    }]}]}
+    msg = parse_resource("type.googleapis.com/envoy.config.route.v3.RouteConfiguration", data)
+    with compiling(CompileContext(regex=engine)):
+        config = compile_route_configuration(msg, "route_config")
+    table = config.table
+    assert isinstance(table, RouteTable)
+
+    def selected(version: str) -> bool:
+        headers = [("x-version", version)]
+        head = RequestHead(method="GET", scheme="http", authority="h", path="/", headers=headers)
+        return table.select(head) is not None
+
+    assert selected("v1.12") and not selected("v1.12-rc") and not selected("xv1.1")
+
+
+def test_hyperscan_compiles_a_pattern_once() -> None:
+    engine_named("hyperscan")
+    from meshlet.proxy.routing import regex_hyperscan  # importable once the engine is
+
+    pattern = r"/cached/[0-9]+/only-once"
+    first = compiled(regex_engine("hyperscan"), pattern)
+    hits = regex_hyperscan._single_database.cache_info().hits
+    second = compiled(regex_engine("hyperscan"), pattern)
+    assert regex_hyperscan._single_database.cache_info().hits == hits + 1
+    assert first("/cached/1/only-once") and second("/cached/22/only-once")
+    assert not second("/cached/x/only-once")
