@@ -182,7 +182,7 @@ MATCHES = st.one_of(
     LITERALS.map(lambda v: {"prefix": v}),
     LITERALS.map(lambda v: {"path": v}),
 )
-PATH_PARTS = st.sampled_from(["/", "a", "b", "ab", "1", "42", "x", "z"])
+PATH_PARTS = st.sampled_from(["/", "a", "b", "ab", "1", "42", "x", "z", "é", "٣"])
 PATHS = st.lists(PATH_PARTS, min_size=1, max_size=8).map("".join)
 
 
