@@ -134,3 +134,29 @@ async def test_runtime_fraction_routes_its_share() -> None:
     finally:
         v1.close()
         v2.close()
+
+
+def test_fraction_predicate_draws_below_the_numerator() -> None:
+    from meshlet.config.model import FractionalPercent
+    from meshlet.proxy.http.stream import RequestHead
+    from meshlet.proxy.routing.matchers import fraction_predicate
+
+    draws = iter([0, 24, 25, 99])
+    seen_denominators: list[int] = []
+
+    def draw(n: int) -> int:
+        seen_denominators.append(n)
+        return next(draws)
+
+    matches = fraction_predicate(FractionalPercent(25, 100), draw)
+    head = RequestHead("GET", "http", "a", "/")
+    assert [matches(head) for _ in range(4)] == [True, True, False, False]
+    assert seen_denominators == [100] * 4
+
+
+def test_pick_weighted_walks_the_cumulative_weights() -> None:
+    from meshlet.config.model import WeightedCluster
+    from meshlet.proxy.filters.router import pick_weighted
+
+    clusters = (WeightedCluster("a", 1), WeightedCluster("b", 0), WeightedCluster("c", 3))
+    assert [pick_weighted(clusters, 4, lambda n, v=v: v).name for v in range(4)] == ["a", "c", "c", "c"]
