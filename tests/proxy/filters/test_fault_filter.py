@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 import grpc
 import httpx
 import pytest
-from traffic_harness import App, bootstrap, cluster, get_many, port_of, running_proxy, stat
+from request_traffic_harness import App, bootstrap, cluster, get_many, port_of, running_proxy, stat
 
 FAULT_TYPE = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
-from traffic_harness import App, bootstrap, cluster, running_proxy, stat
+from request_traffic_harness import App, bootstrap, cluster, running_proxy, stat
 
 from meshlet.config.ratelimit import TokenBucketConfig
 from meshlet.proxy.filters.local_ratelimit import TokenBucket

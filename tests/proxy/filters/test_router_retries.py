@@ -8,7 +8,7 @@ import itertools
 import time
 
 import httpx
-from traffic_harness import App, Reply, Seen, bootstrap, cluster, running_proxy, stat
+from request_traffic_harness import App, Reply, Seen, bootstrap, cluster, running_proxy, stat
 
 from meshlet.proxy.http.local_reply import NO_HEALTHY_UPSTREAM
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import httpx
-from traffic_harness import App, bootstrap, cluster, get_many, port_of, running_proxy
+from request_traffic_harness import App, bootstrap, cluster, get_many, port_of, running_proxy
 
 REQUESTS = 2000
 
