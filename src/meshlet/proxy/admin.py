@@ -3,7 +3,7 @@
 Endpoints (Envoy's names and formats): ``/ready``, ``/stats``
 (``?filter=regex``, ``?format=json|prometheus``), ``/stats/prometheus``,
 ``/config_dump``, ``/clusters`` (``?format=json``), ``/listeners``
-(``?format=json``), ``/server_info``, ``/help``; POST-only
+(``?format=json``), ``/certs``, ``/server_info``, ``/help``; POST-only
 ``/drain_listeners`` (``?graceful``) and ``/quitquitquit``.
 
 The admin server is given an ``AdminTarget`` (the ``Proxy``) and only reads
@@ -182,6 +182,13 @@ async def _drain_listeners(admin: AdminServer, params: Params) -> Reply:
     return _text(200, "OK\n")
 
 
+async def _certs(admin: AdminServer, params: Params) -> Reply:
+    from meshlet.identity.targets import live_targets
+
+    contexts = [(target.trusted_ca_pem, target.certificate_chain) for target in live_targets()]
+    return _json(pages.certs_json(contexts, time.time()))
+
+
 async def _quit(admin: AdminServer, params: Params) -> Reply:
     # Answer first: the shutdown closes this very server.
     asyncio.get_running_loop().call_soon(admin.target.request_shutdown)
@@ -199,6 +206,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/config_dump": Endpoint("dump current Envoy configs (private keys redacted)", _config_dump),
     "/clusters": Endpoint("upstream cluster status (?format=json)", _clusters),
     "/listeners": Endpoint("print listener info (?format=json)", _listeners),
+    "/certs": Endpoint("print certs on machine (trusted CAs and chains of every TLS context)", _certs),
     "/server_info": Endpoint("print server version/status information", _server_info),
     "/drain_listeners": Endpoint("drain listeners (?graceful: drain connections first)", _drain_listeners,
                                  post_only=True),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from meshlet.proxy.observe.stats import StatsStore
@@ -208,3 +208,37 @@ def listeners_json(described: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 def dumps(data: Any) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode()
+
+
+def certs_json(contexts: Iterable[tuple[bytes | None, Sequence[bytes]]], now: float) -> dict[str, Any]:
+    """Envoy's ``/certs``: per TLS context, its trusted CAs (PEM, or None) and
+    its certificate chain (DER, leaf first)."""
+    from cryptography import x509
+
+    return {"certificates": [
+        {"ca_cert": [_cert_json(c, now) for c in (x509.load_pem_x509_certificates(ca) if ca else [])],
+         "cert_chain": [_cert_json(x509.load_der_x509_certificate(d), now) for d in chain]}
+        for ca, chain in contexts
+    ]}
+
+
+def _cert_json(cert: Any, now: float) -> dict[str, Any]:
+    from cryptography import x509
+
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        sans = x509.SubjectAlternativeName([])
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    names: list[dict[str, str]] = [{"uri": v} for v in uris]
+    names += [{"dns": v} for v in sans.get_values_for_type(x509.DNSName)]
+    names += [{"ip_address": str(v)} for v in sans.get_values_for_type(x509.IPAddress)]
+    expires = cert.not_valid_after_utc
+    return {
+        "serial_number": f"{cert.serial_number:x}",
+        "subject_alt_names": names,
+        "days_until_expiration": str(max(0, int((expires.timestamp() - now) // 86400))),
+        "seconds_until_expiration": str(max(0, int(expires.timestamp() - now))),
+        "valid_from": cert.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "expiration_time": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from cryptography import x509
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshlet.config.model import TlsCertificate, TlsContext
 from meshlet.errors import ConfigError, UnsupportedConfig
+from meshlet.identity import targets as identity_targets
 from meshlet.keys.base import ProviderUnavailable
 from meshlet.proxy.transport import (
     AppProtocolFactory,
@@ -190,6 +192,7 @@ class MeshletTlsSocketFactory(TransportSocketFactory):
         server_side: bool,
         sni: str | None = None,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        context: TlsContext | None = None,
     ) -> None:
         self.config = config
         self.server_side = server_side
@@ -197,10 +200,42 @@ class MeshletTlsSocketFactory(TransportSocketFactory):
         self.handshake_timeout = handshake_timeout
         self.local_uri_sans = _uri_sans(config.certificate_chain[0]) if config.certificate_chain else ()
         self._sessions: OrderedDict[str, ClientSession] = OrderedDict()
+        # Kept to rebuild the peer verifier when the trusted CAs are replaced.
+        self._context = context
+        identity_targets.register(self)
 
     @classmethod
     def from_context(cls, context: TlsContext) -> MeshletTlsSocketFactory:
-        return cls(config_from_context(context), server_side=context.server_side, sni=context.sni)
+        return cls(config_from_context(context), server_side=context.server_side, sni=context.sni,
+                   context=context)
+
+    # -- live certificate rotation (meshlet.identity.targets) -------------- #
+
+    @property
+    def certificate_chain(self) -> tuple[bytes, ...]:
+        return self.config.certificate_chain
+
+    @property
+    def trusted_ca_pem(self) -> bytes | None:
+        validation = self._context.validation if self._context is not None else None
+        return validation.trusted_ca_pem if validation is not None else None
+
+    def replace_certificate(
+        self, chain: Sequence[bytes], key: KeyHandle, *, private_key_pem: bytes | None = None
+    ) -> None:
+        """New handshakes present ``chain`` signed by ``key``; connections
+        already set up keep the config they started with."""
+        self.config = replace(self.config, certificate_chain=tuple(chain), key=key)
+        self.local_uri_sans = _uri_sans(chain[0]) if chain else ()
+
+    def replace_trusted_ca(self, pem: bytes) -> None:
+        """New handshakes verify peers against ``pem`` (same SAN matchers)."""
+        context = self._context
+        if context is None or context.validation is None:
+            raise ValueError("this TLS context does not verify peers; there is no trusted CA to replace")
+        context = replace(context, validation=replace(context.validation, trusted_ca_pem=pem))
+        self.config = replace(self.config, verifier=_verifier(context))
+        self._context = context
 
     @property
     def is_tls(self) -> bool:

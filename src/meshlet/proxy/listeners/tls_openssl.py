@@ -21,13 +21,15 @@ import ipaddress
 import logging
 import os
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshlet.config.model import SanMatcher, SanType, TlsCertificate, TlsContext
 from meshlet.errors import ConfigError, UnsupportedConfig
+from meshlet.identity import targets as identity_targets
 from meshlet.proxy.listeners.ssl_transport import SslConnection
 from meshlet.proxy.transport import (
     AppProtocolFactory,
@@ -37,6 +39,7 @@ from meshlet.proxy.transport import (
     TransportSocketFactory,
 )
 from meshlet.registry import registry
+from meshlet.tls.config import KeyHandle
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +291,46 @@ class OpenSslTransportSocketFactory(TransportSocketFactory):
         # Client side: the last resumable session per (peer, SNI); insertion
         # order doubles as the eviction order.
         self._sessions: dict[tuple[object, str | None], ssl.SSLSession] = {}
+        identity_targets.register(self)
+
+    # -- live certificate rotation (meshlet.identity.targets) -------------- #
+
+    @property
+    def certificate_chain(self) -> tuple[bytes, ...]:
+        if not self.tls.certificates:
+            return ()
+        pem = self.tls.certificates[0].cert_chain_pem
+        return tuple(c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(pem))
+
+    @property
+    def trusted_ca_pem(self) -> bytes | None:
+        return self.tls.validation.trusted_ca_pem if self.tls.validation is not None else None
+
+    def replace_certificate(
+        self, chain: Sequence[bytes], key: KeyHandle, *, private_key_pem: bytes | None = None
+    ) -> None:
+        """New handshakes use a fresh ``SSLContext`` with ``chain``; connections
+        already set up keep the context they were made from."""
+        if private_key_pem is None:
+            raise UnsupportedConfig(
+                "tls_certificates", "the 'openssl' tls engine needs the private key in process to rotate a "
+                "certificate; use the meshlet TLS engine for keys held by a key provider",
+            )
+        chain_pem = b"".join(
+            x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM) for der in chain
+        )
+        certificate = TlsCertificate(chain_pem, private_key_pem, source="meshlet identity rotation")
+        self._rebuild(replace(self.tls, certificates=(certificate,)))
+
+    def replace_trusted_ca(self, pem: bytes) -> None:
+        if self.tls.validation is None:
+            raise ValueError("this TLS context does not verify peers; there is no trusted CA to replace")
+        self._rebuild(replace(self.tls, validation=replace(self.tls.validation, trusted_ca_pem=pem)))
+
+    def _rebuild(self, tls: TlsContext) -> None:
+        self.context = build_ssl_context(tls)
+        self.tls = tls
+        self.local_uri_sans = _local_uri_sans(tls)
 
     def session_for(self, key: tuple[object, str | None]) -> ssl.SSLSession | None:
         return self._sessions.get(key)
