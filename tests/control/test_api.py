@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meshlet.control.registry import HashedTokens
+from meshlet.control.registry import RegistrationTokens
 from meshlet.control.server import ControlPlane, ControlPlaneSettings
 
 VS_PATH = "/apis/networking.istio.io/v1/namespaces/default/virtualservices/reviews"
@@ -37,7 +37,7 @@ spec:
 @pytest.fixture
 async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
     settings = ControlPlaneSettings(store_url=f"sqlite:{tmp_path / 'cp.db'}", api_port=0, xds_port=0)
-    control = ControlPlane(settings, tokens=HashedTokens())
+    control = ControlPlane(settings, tokens=RegistrationTokens.in_memory())
     await control.open()
     await control.start()
     try:
@@ -123,8 +123,9 @@ async def test_analyze_over_the_store(client: httpx.AsyncClient) -> None:
 
 
 async def test_registry_endpoints(plane: ControlPlane, client: httpx.AsyncClient) -> None:
-    assert isinstance(plane.tokens, HashedTokens)
-    token = plane.tokens.issue("default", "reviews")
+    issued = await client.post("/registry/tokens", json={"namespace": "default", "serviceAccount": "reviews"})
+    assert issued.status_code == 201
+    token = issued.json()["token"]
     body = {"token": token, "service": "reviews", "version": "v1", "address": "127.0.0.1",
             "ports": {"http": 19080}, "proxyId": "sidecar~reviews-1"}
     registered = await client.post("/registry/register", json=body)

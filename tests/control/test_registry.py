@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from meshlet.control.registry import HashedTokens, RegistrationError, Registry, service_endpoints
+from meshlet.control.registry import RegistrationError, RegistrationTokens, Registry, service_endpoints
 from meshlet.control.resources import Service, load_documents
 from meshlet.control.store import EventType
 from meshlet.control.store.sqlite import SqliteStore
+from meshlet.identity.spiffe import SpiffeId
 
 SERVICE = """
 apiVersion: meshlet.dev/v1
@@ -41,25 +42,30 @@ def service() -> Service:
     return svc
 
 
-def test_tokens_are_single_use_expire_and_are_stored_hashed() -> None:
+def test_tokens_are_single_use_expire_and_are_bound_to_registration() -> None:
     clock = FakeClock()
-    tokens = HashedTokens(clock)
+    tokens = RegistrationTokens.in_memory(clock=clock)
     token = tokens.issue("default", "reviews", ttl=60)
-    assert token not in repr(tokens._grants)
     claims = tokens.redeem(token)
     assert (claims.namespace, claims.service_account) == ("default", "reviews")
-    with pytest.raises(RegistrationError, match="unknown or already used"):
+    with pytest.raises(RegistrationError, match="already used"):
         tokens.redeem(token)
     late = tokens.issue("default", "reviews", ttl=60)
     clock.now += 61
     with pytest.raises(RegistrationError, match="expired"):
         tokens.redeem(late)
+    with pytest.raises(RegistrationError, match="unknown"):
+        tokens.redeem("mlt1.forged")
+    # A token minted for a CSR does not register a workload.
+    csr_token = tokens.tokens.issue(SpiffeId.for_workload("cluster.local", "default", "reviews"))
+    with pytest.raises(RegistrationError, match="is for 'csr', not 'register'"):
+        tokens.redeem(csr_token)
     with pytest.raises(ValueError, match="not a DNS label"):
         tokens.issue("Bad NS", "x")
 
 
 async def test_register_report_health_and_deregister(store: SqliteStore) -> None:
-    tokens = HashedTokens()
+    tokens = RegistrationTokens.in_memory()
     registry = Registry(store, tokens)
     watch = store.watch(["Workload"], start_revision=await store.revision())
     v1 = await registry.register(tokens.issue("default", "reviews"), service="reviews", version="v1",
@@ -91,9 +97,9 @@ async def test_register_report_health_and_deregister(store: SqliteStore) -> None
 
 
 async def test_registration_refusals(store: SqliteStore) -> None:
-    tokens = HashedTokens()
+    tokens = RegistrationTokens.in_memory()
     registry = Registry(store, tokens)
-    with pytest.raises(RegistrationError, match="unknown or already used"):
+    with pytest.raises(RegistrationError, match="unknown"):
         await registry.register("forged", service="reviews", address="127.0.0.1", ports={"http": 1})
     with pytest.raises(RegistrationError, match=r"out of range 1\.\.65535"):
         await registry.register(tokens.issue("default", "reviews"), service="reviews",

@@ -23,6 +23,14 @@ COMMANDS: dict[str, LazyCommand] = {
     "bench": LazyCommand("meshlet.cli.bench:bench", "Run a benchmark experiment (meshlet bench --help)."),
     "doctor": LazyCommand("meshlet.cli.doctor:doctor", "Check Python, event loop, regex engines, crypto_mb."),
     "keyserver": LazyCommand("meshlet.cli.keyserver:keyserver", "Run the key server; manage its keys."),
+    "control-plane": LazyCommand("meshlet.cli.control_plane:control_plane",
+                                 "Run the control plane (resource API, registry, xDS)."),
+    "apply": LazyCommand("meshlet.cli.resources:apply", "Create or update mesh config from YAML files."),
+    "get": LazyCommand("meshlet.cli.resources:get", "List or show mesh config resources."),
+    "delete": LazyCommand("meshlet.cli.resources:delete", "Delete mesh config resources."),
+    "describe": LazyCommand("meshlet.cli.resources:describe", "Show one resource with its findings."),
+    "analyze": LazyCommand("meshlet.cli.resources:analyze_command",
+                           "Report mesh config mistakes (files or the control plane)."),
     "ca": LazyCommand("meshlet.cli.ca:ca", "The mesh CA: SVIDs, bootstrap tokens, root rotation."),
 }
 

@@ -52,6 +52,10 @@ class Finding:
     path: str
     message: str
 
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "name": self.name, "severity": self.severity.value,
+                "resource": self.resource, "path": self.path, "message": self.message}
+
     def __str__(self) -> str:
         where = f" {self.path}" if self.path else ""
         return f"{self.severity.value} [{self.code}] ({self.resource}{where}) {self.message}"

@@ -12,6 +12,8 @@ Paths follow Kubernetes' shape, with kinds as lowercase plurals:
     POST   /apply            multi-document YAML or JSON; all validated before any is written
     GET    /analyze          findings over the stored config
     POST   /registry/register | /registry/deregister | /registry/health   (JSON bodies)
+    POST   /registry/tokens  {"namespace", "serviceAccount", "ttl"} -> {"token"}: a single-use
+           bootstrap token, when the control plane issues its own (``RegistrationTokens``)
     GET    /healthz
 
 Errors are JSON ``{"error": "...", "problems": [...]}`` with 400 (invalid),
@@ -29,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from meshlet.control.analyze import Finding, analyze
-from meshlet.control.registry import RegistrationError, Registry
+from meshlet.control.analyze import analyze
+from meshlet.control.registry import RegistrationError, RegistrationTokens, Registry
 from meshlet.control.resources import KINDS, Resource, ResourceInvalid, load_documents
 from meshlet.control.store import Conflict, NotFound, Store, StoreError
 from meshlet.errors import ConfigError
@@ -246,7 +248,7 @@ class ResourceApi:
         snapshot = await self.store.snapshot()
         extra = load_documents(_text(body), "request body") if body.strip() else []
         findings = analyze([*snapshot.resources, *extra])
-        return Reply(200, {"findings": [_finding_dict(f) for f in findings],
+        return Reply(200, {"findings": [f.to_dict() for f in findings],
                            "revision": snapshot.revision})
 
     async def _healthz(self, body: bytes, params: dict[str, list[str]]) -> Reply:
@@ -278,6 +280,20 @@ class ResourceApi:
             _optional(data, "reason", str))
         return Reply(200, workload.to_dict())
 
+    async def _issue_token(self, body: bytes, params: dict[str, list[str]]) -> Reply:
+        tokens = self._registry().tokens
+        if not isinstance(tokens, RegistrationTokens):
+            raise ApiError(404, "tokens are issued by the mesh identity service, not this API")
+        data = _json_object(body)
+        ttl = _optional(data, "ttl", int) or 3600
+        if not 1 <= ttl <= 86400:
+            raise ApiError(400, f"ttl: {ttl} is out of range 1..86400 seconds")
+        try:
+            token = tokens.issue(_field(data, "namespace", str), _field(data, "serviceAccount", str), ttl)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        return Reply(201, {"token": token, "ttl": ttl})
+
     def _registry(self) -> Registry:
         if self.registry is None:
             raise ApiError(404, "this control plane has no workload registry")
@@ -293,6 +309,7 @@ _ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/registry/register"): ResourceApi._register,
     ("POST", "/registry/deregister"): ResourceApi._deregister,
     ("POST", "/registry/health"): ResourceApi._health,
+    ("POST", "/registry/tokens"): ResourceApi._issue_token,
 }
 
 
@@ -324,9 +341,3 @@ def _optional(data: dict[str, Any], name: str, kind: type[Any]) -> Any:
     if value is not None and not isinstance(value, kind):
         raise ApiError(400, f"{name}: expected {kind.__name__}, got {type(value).__name__}")
     return value
-
-
-def _finding_dict(finding: Finding) -> dict[str, str]:
-    return {"code": finding.code, "name": finding.name, "severity": finding.severity.value,
-            "resource": finding.resource, "path": finding.path, "message": finding.message}
-

@@ -6,14 +6,12 @@ the config, so every control-plane replica sees them and watches carry them.
 
 Tokens: a workload proves who it is with a single-use bootstrap token. The
 registry only needs ``TokenRedeemer.redeem(token) -> TokenClaims``;
-``HashedTokens`` is the in-process implementation (SHA-256 hashes, expiry,
-single use) and the mesh identity's token service plugs in the same way.
+``RegistrationTokens`` provides it over the mesh identity's ``BootstrapTokens``
+(hashed, expiring, single-use, bound to a SPIFFE workload identity).
 """
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -26,9 +24,19 @@ from meshlet.control.resources.base import check_dns_label, check_labels
 from meshlet.control.resources.mesh import Health
 from meshlet.control.store import Conflict, NotFound, Store
 from meshlet.errors import MeshletError
+from meshlet.identity.spiffe import SpiffeId
+from meshlet.identity.tokens import (
+    DEFAULT_TOKEN_TTL,
+    MAX_TOKEN_LENGTH,
+    BootstrapTokens,
+    MemoryTokenStore,
+    TokenRefused,
+    hash_token,
+)
 
 HEALTH_UPDATE_ATTEMPTS = 5
-MAX_TOKENS = 100_000
+REGISTER_PURPOSE = "register"
+DEFAULT_TRUST_DOMAIN = "cluster.local"
 
 
 class RegistrationError(MeshletError):
@@ -50,42 +58,41 @@ class TokenRedeemer(Protocol):
         ...
 
 
-class HashedTokens:
-    """Single-use bootstrap tokens kept as SHA-256 hashes (a leaked table grants nothing)."""
+class RegistrationTokens:
+    """Registration tokens from the mesh identity's ``BootstrapTokens``: single-use,
+    stored hashed, bound to one workload identity and to the purpose
+    ``"register"`` (so a CSR token cannot register, nor the reverse)."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._grants: dict[bytes, tuple[TokenClaims, float]] = {}
+    def __init__(self, tokens: BootstrapTokens, trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                 purpose: str = REGISTER_PURPOSE) -> None:
+        self.tokens = tokens
+        self.trust_domain = trust_domain
+        self.purpose = purpose
 
-    def issue(self, namespace: str, service_account: str, ttl: float = 3600.0) -> str:
-        self._drop_expired()
-        if len(self._grants) >= MAX_TOKENS:
-            raise RegistrationError(f"too many outstanding tokens (limit {MAX_TOKENS})")
-        token = secrets.token_urlsafe(32)
-        claims = TokenClaims(check_dns_label(namespace), check_dns_label(service_account))
-        self._grants[_digest(token)] = (claims, self._clock() + ttl)
-        return token
+    @classmethod
+    def in_memory(cls, trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                  clock: Callable[[], float] = time.time) -> RegistrationTokens:
+        return cls(BootstrapTokens(MemoryTokenStore(), clock=clock), trust_domain)
+
+    def issue(self, namespace: str, service_account: str, ttl: float = DEFAULT_TOKEN_TTL) -> str:
+        identity = SpiffeId.for_workload(self.trust_domain, check_dns_label(namespace),
+                                         check_dns_label(service_account))
+        return self.tokens.issue(identity, ttl=ttl, purpose=self.purpose)
 
     def redeem(self, token: str) -> TokenClaims:
-        # Only hashes of high-entropy tokens are compared, so a plain dict
-        # lookup leaks nothing an attacker could use.
-        grant = self._grants.pop(_digest(token), None)
-        if grant is None:
-            raise RegistrationError("bootstrap token unknown or already used")
-        claims, expires = grant
-        if self._clock() > expires:
-            raise RegistrationError("bootstrap token expired")
-        return claims
-
-    def _drop_expired(self) -> None:
-        now = self._clock()
-        for digest, (_, expires) in list(self._grants.items()):
-            if now > expires:
-                del self._grants[digest]
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+        # The identity a token is bound to is in its record; redeeming then
+        # checks purpose, expiry and single use atomically.
+        record = self.tokens.store.get(hash_token(token)) if len(token) <= MAX_TOKEN_LENGTH else None
+        if record is None:
+            raise RegistrationError("bootstrap token unknown (forged, mistyped or purged)")
+        identity = SpiffeId.parse(record.spiffe_id)
+        try:
+            self.tokens.redeem(token, purpose=self.purpose, spiffe_id=identity)
+        except TokenRefused as exc:
+            raise RegistrationError(str(exc)) from None
+        if identity.namespace is None or identity.service_account is None:
+            raise RegistrationError(f"bootstrap token is bound to {identity}, not a workload identity")
+        return TokenClaims(identity.namespace, identity.service_account)
 
 
 @dataclass(frozen=True, slots=True)

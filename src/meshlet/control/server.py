@@ -29,7 +29,7 @@ from typing import TypeVar
 import grpc
 
 from meshlet.control.api import ResourceApi
-from meshlet.control.registry import HashedTokens, Registry, TokenRedeemer
+from meshlet.control.registry import RegistrationTokens, Registry, TokenRedeemer
 from meshlet.control.store import DEFAULT_STORE_URL, Store, open_store
 from meshlet.errors import ConfigError
 
@@ -66,7 +66,7 @@ class ControlPlaneSettings:
 class ControlPlane:
     def __init__(self, settings: ControlPlaneSettings, *, tokens: TokenRedeemer | None = None) -> None:
         self.settings = settings
-        self.tokens = tokens if tokens is not None else HashedTokens()
+        self.tokens = tokens if tokens is not None else RegistrationTokens.in_memory()
         self._store: Store | None = None
         self._registry: Registry | None = None
         self._api: ResourceApi | None = None

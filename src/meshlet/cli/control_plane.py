@@ -1,0 +1,73 @@
+"""``meshlet control-plane run``: the control-plane process.
+
+Opens the store (``--store sqlite:PATH`` or ``etcd:http://h:2379,...``),
+serves the resource API on loopback and the gRPC server that xDS and the CA
+mount into (``--mount module:function``), until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import click
+
+from meshlet.cli.errors import CliError
+from meshlet.cli.logs import DEFAULT_LEVEL, LEVEL_NAMES, configure_logging
+from meshlet.control.server import DEFAULT_API_PORT, DEFAULT_XDS_PORT, ControlPlaneSettings
+from meshlet.control.store import DEFAULT_STORE_URL
+
+
+@click.group(name="control-plane")
+def control_plane() -> None:
+    """The control plane: resource API, workload registry, xDS."""
+
+
+@control_plane.command()
+@click.option("--store", "store_url", default=DEFAULT_STORE_URL, show_default=True,
+              help="sqlite:PATH or etcd:http://HOST:PORT[,http://HOST:PORT...]")
+@click.option("--api-host", default="127.0.0.1", show_default=True, help="Resource API address.")
+@click.option("--api-port", type=click.IntRange(0, 65535), default=DEFAULT_API_PORT, show_default=True)
+@click.option("--xds-host", default="127.0.0.1", show_default=True, help="xDS gRPC address.")
+@click.option("--xds-port", type=click.IntRange(0, 65535), default=DEFAULT_XDS_PORT, show_default=True)
+@click.option("--mount", "mounts", multiple=True, metavar="MODULE:FUNCTION",
+              help="Attach a service to the control plane (repeatable).")
+@click.option("--log-level", type=click.Choice(LEVEL_NAMES, case_sensitive=False), default=DEFAULT_LEVEL,
+              show_default=True)
+def run(store_url: str, api_host: str, api_port: int, xds_host: str, xds_port: int,
+        mounts: tuple[str, ...], log_level: str) -> None:
+    """Serve until SIGINT/SIGTERM. Prints one line with the bound addresses when ready."""
+    configure_logging(log_level)
+    settings = ControlPlaneSettings(store_url=store_url, api_host=api_host, api_port=api_port,
+                                    xds_host=xds_host, xds_port=xds_port)
+    try:
+        asyncio.run(_serve(settings, mounts))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _serve(settings: ControlPlaneSettings, mount_targets: tuple[str, ...]) -> None:
+    from meshlet.control.server import ControlPlane, available_default_mounts, load_mount
+    from meshlet.control.store import StoreError
+
+    mounts = [*available_default_mounts(), *(load_mount(t) for t in mount_targets)]
+    plane = ControlPlane(settings)
+    try:
+        await plane.open()
+    except StoreError as exc:
+        raise CliError(f"cannot open the store {settings.store_url}: {exc}", 1) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await plane.mount(mounts)
+        await plane.start()
+        # One machine-readable line so scripts and tests know where to connect.
+        print(f"control plane ready: api={plane.api.url} xds=127.0.0.1:{plane.xds_port} "
+              f"store={settings.store_url}", flush=True)
+        await stop.wait()
+    finally:
+        await plane.stop()
+        sys.stdout.flush()
