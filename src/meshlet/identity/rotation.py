@@ -247,7 +247,7 @@ class IdentityAgent:
         self._write_files(issued)
         self._schedule_renewal(issued)
         self.refresh_stats()
-        if previous is not None:
+        if previous is not None and previous.key.handle is not issued.key.handle:
             self._retire_key(previous.key.handle)
 
     def _install_in(self, target: CertificateTarget, issued: CertifiedKey) -> None:
@@ -271,9 +271,12 @@ class IdentityAgent:
         write_public(self.output_dir / "root-cert.pem", issued.trust_bundle_pem)
 
     def _schedule_renewal(self, issued: CertifiedKey) -> None:
-        lifetime = max(issued.not_after - issued.not_before, 1.0)
+        # Measured from now, not from notBefore: SVIDs are backdated for clock
+        # skew, and that margin is not lifetime this proxy can use.
+        now = self.clock()
+        lifetime = max(issued.not_after - now, 0.0)
         jitter = self._rng.uniform(-self.policy.jitter_fraction, self.policy.jitter_fraction)
-        self.renew_at = issued.not_before + lifetime * (self.policy.renew_fraction + jitter)
+        self.renew_at = now + lifetime * (self.policy.renew_fraction + jitter)
 
     def _retire_key(self, handle: KeyHandle) -> None:
         close = getattr(handle, "close", None)
