@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import select
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from control import store_contract
@@ -88,3 +93,57 @@ def test_prefix_end() -> None:
     assert prefix_end(b"/meshlet/") == b"/meshlet0"
     assert prefix_end(b"a\xff") == b"b"
     assert prefix_end(b"\xff") == b"\0"
+
+
+class Replica:
+    """A `meshlet control-plane run` process on the etcd cluster."""
+
+    def __init__(self, endpoints: list[str]) -> None:
+        command = [sys.executable, "-m", "meshlet.cli.main", "control-plane", "run", "--api-port", "0",
+                   "--xds-port", "0", "--store", "etcd:" + ",".join(endpoints), "--log-level", "warning"]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        readable, _, _ = select.select([self.process.stdout], [], [], 20.0)
+        line = self.process.stdout.readline() if readable else ""
+        match = re.search(r"api=(\S+)", line)
+        if match is None:
+            self.kill()
+            raise RuntimeError(f"replica did not start: {line!r}")
+        self.url = match.group(1)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
+async def test_replicas_share_config_and_survive_a_member_and_a_replica(cluster: EtcdCluster) -> None:
+    replicas = [Replica(cluster.endpoints), Replica(list(reversed(cluster.endpoints)))]
+    watcher = await EtcdStore.open(cluster.endpoints[1:])  # stands in for a replica's xDS watch
+    try:
+        watch = watcher.watch(["VirtualService"], start_revision=await watcher.revision())
+        vs_path = "/apis/networking.istio.io/v1/namespaces/default/virtualservices/reviews"
+        documents = store_contract.DOCS.split("---")
+        async with httpx.AsyncClient(timeout=15.0) as http:
+            applied = await http.post(replicas[0].url + "/apply", content=store_contract.DOCS)
+            assert applied.status_code == 200, applied.text
+            seen = await http.get(replicas[1].url + vs_path)
+            assert seen.status_code == 200
+            assert seen.json()["spec"]["http"][0]["route"][0]["destination"]["subset"] == "v1"
+
+            cluster.kill(cluster.members[0])
+            replicas[0].kill()
+
+            changed = documents[0].replace("subset: v1", "subset: v2")
+            put = await http.post(replicas[1].url + "/apply", content=changed)
+            assert put.json()["results"][0]["action"] == "configured"
+            after = await http.get(replicas[1].url + vs_path)
+            assert after.json()["spec"]["http"][0]["route"][0]["destination"]["subset"] == "v2"
+        events = await store_contract.next_events(watch, 2)
+        assert [e.type for e in events] == [EventType.ADDED, EventType.MODIFIED]
+        assert events[1].resource.spec.http[0].route[0].destination.subset == "v2"
+        await watch.aclose()
+    finally:
+        await watcher.close()
+        for replica in replicas:
+            replica.kill()
