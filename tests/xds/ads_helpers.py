@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
+import yaml
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from meshlet.bench.admin import admin_get
 
 STEP_TIMEOUT = 5.0
 
@@ -112,3 +120,141 @@ class RawAdsStream:
         self._requests.put_nowait(None)
         self._call.cancel()
         self._reader.cancel()
+
+
+# --------------------------------------------------------------------------- #
+# A meshlet proxy process on a dynamic (ADS) bootstrap
+# --------------------------------------------------------------------------- #
+
+HTTP_OPTIONS_URL = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def http_listener(name: str, port: int, route_name: str) -> listener_pb2.Listener:
+    """A listener whose HCM takes its routes from RDS over ADS."""
+    from envoy.extensions.filters.http.router.v3 import router_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+
+    manager = hcm.HttpConnectionManager(stat_prefix=name)
+    manager.rds.route_config_name = route_name
+    manager.rds.config_source.ads.SetInParent()
+    manager.rds.config_source.resource_api_version = 2  # V3
+    http_filter = manager.http_filters.add(name="envoy.filters.http.router")
+    http_filter.typed_config.Pack(router_pb2.Router())
+    ln = listener_pb2.Listener(name=name)
+    ln.address.socket_address.address = "127.0.0.1"
+    ln.address.socket_address.port_value = port
+    chain_filter = ln.filter_chains.add().filters.add(name="envoy.filters.network.http_connection_manager")
+    chain_filter.typed_config.Pack(manager)
+    return ln
+
+
+def dynamic_bootstrap(node_id: str, ads_port: int, admin_port: int, *, delta: bool = False) -> dict[str, Any]:
+    def addr(port: int) -> dict[str, Any]:
+        return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+    return {
+        "node": {"id": node_id, "cluster": "test"},
+        "admin": {"address": addr(admin_port)},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "DELTA_GRPC" if delta else "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds_cluster"}}],
+            },
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {
+            "clusters": [{
+                "name": "xds_cluster",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": "xds_cluster",
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr(ads_port)}}]}],
+                },
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": HTTP_OPTIONS_URL, "explicit_http_config": {"http2_protocol_options": {}},
+                    },
+                },
+            }],
+        },
+    }
+
+
+class ProxyProcess:
+    """``meshlet proxy --config BOOTSTRAP`` as a child process; ``stop()`` always ends it."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        self.config_path = workdir / "bootstrap.yaml"
+        self.log_path = workdir / "proxy.log"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.admin_port = int(config["admin"]["address"]["socket_address"]["port_value"])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ProxyProcess:
+        argv = [sys.executable, "-m", "meshlet.cli.main", "proxy", "--config", str(self.config_path),
+                "--log-level", "info"]
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        return self
+
+    async def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"meshlet proxy exited with {self.proc.returncode}:\n{self.log()}")
+            status, _ = await asyncio.to_thread(admin_get, self.admin_port, "/ready", 1.0)
+            if status == 200:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"meshlet proxy not ready within {timeout} s:\n{self.log()}")
+
+    async def admin(self, path: str) -> tuple[int, str]:
+        return await asyncio.to_thread(admin_get, self.admin_port, path)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+class NamedUpstream:
+    """An HTTP/1.1 server on loopback answering every request with its name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> NamedUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        body = self.name.encode()
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head:
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()

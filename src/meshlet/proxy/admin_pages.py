@@ -109,7 +109,45 @@ def config_dump(source: Mapping[str, object], last_updated: str) -> dict[str, An
             {"name": _name(s), "secret": s, "last_updated": last_updated} for s in resources("secrets")
         ]},
     ]
+    _add_dynamic(configs, source.get("dynamic"))
     return {"configs": redact(configs)}
+
+
+# ConfigDump entry (by its position above) -> (source kind, dynamic field, resource field).
+_DYNAMIC_FIELDS = {
+    1: ("clusters", "dynamic_active_clusters", "cluster"),
+    2: ("listeners", "dynamic_listeners", "listener"),
+    3: ("route_configs", "dynamic_route_configs", "route_config"),
+    4: ("secrets", "dynamic_active_secrets", "secret"),
+}
+
+
+def _add_dynamic(configs: list[dict[str, Any]], dynamic: object) -> None:
+    """Resources delivered over xDS (``source["dynamic"]``, filled by the ADS client):
+    ``{kind: {name: {version_info, resource, last_updated}}}``, in Envoy's dynamic_* fields."""
+    if not isinstance(dynamic, Mapping):
+        return
+    for position, (kind, dump_field, resource_field) in _DYNAMIC_FIELDS.items():
+        entries = dynamic.get(kind)
+        if not isinstance(entries, Mapping):
+            continue
+        dumped = []
+        for name, entry in entries.items():
+            item = {"version_info": entry["version_info"], resource_field: entry["resource"],
+                    "last_updated": entry["last_updated"]}
+            if kind == "listeners":  # Envoy nests the active listener under its name
+                item = {"name": name, "active_state": item}
+            elif kind == "secrets":
+                item = {"name": name, **item}
+            dumped.append(item)
+        configs[position][dump_field] = dumped
+    endpoints = dynamic.get("endpoints")
+    if isinstance(endpoints, Mapping):
+        configs.append({"@type": _TYPE + "EndpointsConfigDump", "dynamic_endpoint_configs": [
+            {"version_info": e["version_info"], "endpoint_config": e["resource"],
+             "last_updated": e["last_updated"]}
+            for e in endpoints.values()
+        ]})
 
 
 def _name(resource: Any) -> str:

@@ -236,7 +236,23 @@ async def serve(
         raise
     for name in config.listeners:
         log.info("listener %s on %s", name, proxy.listeners.address(name))
-    await proxy.wait_stopped()
+    xds = _start_xds(proxy, config)
+    try:
+        await proxy.wait_stopped()
+    finally:
+        if xds is not None:
+            xds.cancel()
+            await asyncio.gather(xds, return_exceptions=True)
+
+
+def _start_xds(proxy: Proxy, config: ProxyConfig) -> asyncio.Task[None] | None:
+    """With ``dynamic_resources`` in the bootstrap: the ADS client, in the background."""
+    if config.ads is None:
+        return None
+    from meshlet.xds.client import AdsClient, run_client
+
+    client = AdsClient(proxy, config)
+    return asyncio.get_running_loop().create_task(run_client(client))
 
 
 def run(
