@@ -8,10 +8,17 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
-from ads_helpers import NamedUpstream, ProxyProcess, cluster, dynamic_bootstrap, endpoints, http_listener, route
+from ads_helpers import (
+    NamedUpstream,
+    ProxyProcess,
+    cluster,
+    dynamic_bootstrap,
+    endpoints,
+    http_listener,
+    route,
+)
 
 from meshlet.bench.procs import free_port
 from meshlet.xds.cache import SnapshotCache
@@ -21,7 +28,9 @@ from meshlet.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 NODE = "sidecar-1"
 
 
-def mesh_snapshot(listen_port: int, target: str, ports: dict[str, int], *, bad_cluster: bool = False) -> Snapshot:
+def mesh_snapshot(
+    listen_port: int, target: str, ports: dict[str, int], *, bad_cluster: bool = False
+) -> Snapshot:
     clusters = [cluster(name) for name in ports]
     if bad_cluster:
         broken = cluster("broken")
@@ -115,9 +124,3 @@ async def test_proxy_follows_ads(tmp_path: Path, upstreams: dict[str, int], delt
         proxy.stop()
         await server.stop(None)
 
-
-def test_grpc_stub_import() -> None:
-    # The client module stays importable without a running loop (the CLI imports it lazily).
-    import meshlet.xds.client as client
-
-    assert client.AdsClient is not None and grpc is not None
