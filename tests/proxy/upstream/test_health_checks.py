@@ -187,3 +187,20 @@ async def test_tcp_send_receive_payloads(receive: str) -> None:
             assert [h.failed_active_hc for h in cluster.hosts] == [False, True]
             page = await clusters_page(proxy)
             assert f"svc::127.0.0.1:{bad}::health_flags::/failed_active_hc" in page
+
+
+def test_host_health_transitions_follow_envoy() -> None:
+    from meshlet.config.model import HealthCheckConfig, HealthCheckKind
+    from meshlet.proxy.upstream.health import HostHealth, payloads_found
+
+    cfg = HealthCheckConfig(HealthCheckKind.TCP, 1.0, 1.0, unhealthy_threshold=2, healthy_threshold=3)
+    state = HostHealth()
+    assert state.observe(True, True, cfg) is False  # first success: healthy at once
+    assert state.observe(False, False, cfg) is None
+    assert state.observe(False, False, cfg) is True  # second failure in a row
+    assert [state.observe(True, True, cfg) for _ in range(3)] == [None, None, False]
+    assert state.observe(False, False, cfg) is None
+    assert state.observe(True, False, cfg) is None  # a success resets the failure run
+    assert state.observe(False, False, cfg) is None
+    assert payloads_found(b"xxPOyyNG", (b"PO", b"NG"))
+    assert not payloads_found(b"NGxxPO", (b"PO", b"NG"))

@@ -150,3 +150,28 @@ def test_enforcing_percentage_and_success_rate_need_enough_hosts() -> None:
         detector.record(h, 500 if h is hosts[0] else 200)
     detector.sweep()
     assert not hosts[0].outlier.ejected
+
+
+def test_ejection_time_is_capped_and_decays_in_service() -> None:
+    now = [0.0]
+    scope = StatsStore().scope("cluster.", "envoy_cluster_name", "y")
+    cfg = OutlierDetectionConfig(
+        consecutive_5xx=1, base_ejection_time=10.0, max_ejection_time=25.0, max_ejection_percent=100
+    )
+    detector = OutlierDetector(cfg, scope, lambda _h: None, clock=lambda: now[0])
+    host = _FakeHost()
+    detector.set_hosts([host, _FakeHost()])
+    times = []
+    for _ in range(4):
+        detector.record(host, 503)
+        assert host.outlier.ejected
+        times.append(detector.ejection_time(host.outlier))
+        now[0] += times[-1]
+        detector.sweep()
+        assert not host.outlier.ejected
+    assert times == [10.0, 20.0, 25.0, 25.0]  # base x n, capped at max_ejection_time
+    # In service for a base ejection time, each sweep lowers the multiplier.
+    multiplier = host.outlier.ejections
+    now[0] += 10.0
+    detector.sweep()
+    assert host.outlier.ejections == multiplier - 1
