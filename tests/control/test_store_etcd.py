@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import select
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from control import store_contract
 from control.etcd_cluster import EtcdCluster
-from meshlet.control.store import EventType, StoreError, open_store
+from meshlet.control.store import EventType, StoreError, etcd_client, open_store
 from meshlet.control.store.etcd import EtcdStore
 from meshlet.control.store.etcd_client import prefix_end
 
@@ -147,3 +148,19 @@ async def test_replicas_share_config_and_survive_a_member_and_a_replica(cluster:
         await watcher.close()
         for replica in replicas:
             replica.kill()
+
+
+async def test_an_idle_watch_keeps_reopening_without_giving_up(store: EtcdStore,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Streams silent for longer than the idle timeout are reopened; as long as
+    # etcd accepts them, the watch never counts that as failure.
+    monkeypatch.setattr(etcd_client, "WATCH_IDLE_TIMEOUT", 0.2)
+    store.client.retry_for = 0.5
+    watch = store.watch(None, start_revision=await store.revision())
+    pending = asyncio.ensure_future(anext(watch))
+    await asyncio.sleep(1.5)  # several idle periods, longer than retry_for
+    assert not pending.done()
+    stored = await store.put(store_contract.resources()[0])
+    event = await asyncio.wait_for(pending, 10)
+    assert event.revision == int(stored.metadata.resource_version or 0)
+    await watch.aclose()

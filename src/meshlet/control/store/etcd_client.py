@@ -162,53 +162,30 @@ class EtcdClient:
 
     async def watch(self, key: bytes, range_end: bytes, start_revision: int) -> AsyncIterator[WatchEvent]:
         """Events from ``start_revision`` on; reopens the stream (on another endpoint if need
-        be) after an error or a silent period, from the revision after the last one seen."""
+        be) after an error or a silent period, from the revision after the last one seen.
+        Gives up with ``EtcdUnavailable`` only when no endpoint opens a stream for
+        ``retry_for`` seconds."""
         next_revision = start_revision
-        failures = 0
+        failing_since: float | None = None
         while True:
             endpoint = self.endpoint
+            stream = _WatchStream(self._http, endpoint, key, range_end, next_revision)
             try:
-                async for event in self._watch_stream(endpoint, key, range_end, next_revision):
-                    failures = 0
+                async for event in stream:
                     next_revision = event.kv.mod_revision + 1
                     yield event
             except (httpx.HTTPError, json.JSONDecodeError, _StreamEnded) as exc:
                 log.info("etcd watch on %s ended (%s); reopening", endpoint, type(exc).__name__)
-                failures += 1
                 self._next_endpoint()
-                if failures >= 3 * len(self.endpoints):
-                    raise EtcdUnavailable(f"etcd watch: no endpoint kept a stream open ({exc})") from exc
-                if failures % len(self.endpoints) == 0:
-                    await asyncio.sleep(0.5)
-
-    async def _watch_stream(self, endpoint: str, key: bytes, range_end: bytes,
-                            start_revision: int) -> AsyncIterator[WatchEvent]:
-        create = {"create_request": {"key": b64(key), "range_end": b64(range_end),
-                                     "start_revision": str(start_revision), "prev_kv": True}}
-        timeout = httpx.Timeout(WATCH_IDLE_TIMEOUT, connect=CONNECT_TIMEOUT)
-        async with self._http.stream("POST", f"{endpoint}/v3/watch", json=create,
-                                     timeout=timeout) as response:
-            if response.status_code != 200:
-                raise _StreamEnded(f"HTTP {response.status_code}")
-            async for line in response.aiter_lines():
-                if not line.strip():
+                if stream.opened:
+                    failing_since = None
                     continue
-                if len(line) > MAX_WATCH_LINE:
-                    raise _StreamEnded("oversized watch message")
-                message = json.loads(line)
-                if "error" in message:
-                    raise _StreamEnded(str(message["error"]))
-                result = message.get("result", {})
-                compact = int(result.get("compact_revision", 0))
-                if compact:
-                    raise EtcdCompacted(compact)
-                if result.get("canceled"):
-                    raise _StreamEnded(result.get("cancel_reason", "watch canceled"))
-                for event in result.get("events", []):
-                    prev = event.get("prev_kv")
-                    yield WatchEvent(event.get("type") == "DELETE", parse_kv(event["kv"]),
-                                     parse_kv(prev) if prev else None)
-        raise _StreamEnded("stream closed")
+                now = time.monotonic()
+                failing_since = failing_since if failing_since is not None else now
+                if now - failing_since > self.retry_for:
+                    raise EtcdUnavailable(f"etcd watch: no endpoint opened a stream in "
+                                          f"{self.retry_for:g}s ({type(exc).__name__} {exc})") from exc
+                await asyncio.sleep(0.2)
 
     def _next_endpoint(self) -> None:
         self._current = (self._current + 1) % len(self.endpoints)
@@ -216,6 +193,47 @@ class EtcdClient:
 
 class _StreamEnded(Exception):
     pass
+
+
+class _WatchStream:
+    """One ``/v3/watch`` stream; ``opened`` turns true once etcd confirms the watch."""
+
+    def __init__(self, http: httpx.AsyncClient, endpoint: str, key: bytes, range_end: bytes,
+                 start_revision: int) -> None:
+        self._http = http
+        self._url = f"{endpoint}/v3/watch"
+        self._create = {"create_request": {"key": b64(key), "range_end": b64(range_end),
+                                           "start_revision": str(start_revision), "prev_kv": True}}
+        self.opened = False
+
+    async def __aiter__(self) -> AsyncIterator[WatchEvent]:
+        timeout = httpx.Timeout(WATCH_IDLE_TIMEOUT, connect=CONNECT_TIMEOUT)
+        async with self._http.stream("POST", self._url, json=self._create, timeout=timeout) as response:
+            if response.status_code != 200:
+                raise _StreamEnded(f"HTTP {response.status_code}")
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                if len(line) > MAX_WATCH_LINE:
+                    raise _StreamEnded("oversized watch message")
+                for event in self._events(json.loads(line)):
+                    yield event
+        raise _StreamEnded("stream closed")
+
+    def _events(self, message: dict[str, Any]) -> list[WatchEvent]:
+        if "error" in message:
+            raise _StreamEnded(str(message["error"]))
+        result = message.get("result", {})
+        compact = int(result.get("compact_revision", 0))
+        if compact:
+            raise EtcdCompacted(compact)
+        if result.get("canceled"):
+            raise _StreamEnded(result.get("cancel_reason", "watch canceled"))
+        if result.get("created"):
+            self.opened = True
+        return [WatchEvent(event.get("type") == "DELETE", parse_kv(event["kv"]),
+                           parse_kv(event["prev_kv"]) if event.get("prev_kv") else None)
+                for event in result.get("events", [])]
 
 
 def _error_text(response: httpx.Response) -> str:
