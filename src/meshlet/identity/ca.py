@@ -239,7 +239,8 @@ class CertificateAuthority:
     def signing_chain(self) -> tuple[x509.Certificate, ...]:
         """The CA certificates an SVID carries after its leaf (roots excluded)."""
         own = () if self.is_root else (self.certificate,)
-        return (*own, *(c for c in self.intermediates if not self.bundle.contains(c)))
+        above = (c for c in self.intermediates if c != self.certificate and not self.bundle.contains(c))
+        return (*own, *above)
 
     def ttl_of(self, requested: datetime.timedelta | None) -> datetime.timedelta:
         ttl = self.policy.default_ttl if requested is None else requested
