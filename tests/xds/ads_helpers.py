@@ -37,6 +37,9 @@ def cluster(name: str, eds: bool = True) -> cluster_pb2.Cluster:
 def endpoints(name: str, *ports: int) -> endpoint_pb2.ClusterLoadAssignment:
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     group = cla.endpoints.add()
+    # gRPC's xDS client ignores localities without a weight.
+    group.locality.zone = "local"
+    group.load_balancing_weight.value = 1
     for port in ports:
         addr = group.lb_endpoints.add().endpoint.address.socket_address
         addr.address, addr.port_value = "127.0.0.1", port
