@@ -143,6 +143,24 @@ async def test_registry_endpoints(plane: ControlPlane, client: httpx.AsyncClient
     assert (await client.get("/apis/meshlet.dev/v1/workloads")).json()["items"] == []
 
 
+async def test_apply_namespace_and_workload_status_kept(client: httpx.AsyncClient) -> None:
+    workload = ("apiVersion: meshlet.dev/v1\nkind: Workload\nmetadata: {name: w1}\n"
+                "spec: {address: 127.0.0.1, labels: {app: reviews}}\n")
+    created = await client.post("/apply", params={"namespace": "shop"}, content=workload)
+    assert created.json()["results"][0]["namespace"] == "shop"
+    path = "/apis/meshlet.dev/v1/namespaces/shop/workloads/w1"
+    health = await client.post("/registry/health", json={"namespace": "shop", "name": "w1",
+                                                          "health": "HEALTHY"})
+    assert health.status_code == 200
+    # Re-applying the manifest (which has no status) keeps what the proxy reported.
+    again = await client.post("/apply", params={"namespace": "shop"}, content=workload)
+    assert again.json()["results"][0]["action"] == "unchanged"
+    put = await client.put(path, content=workload.replace("app: reviews", "app: reviews, version: v1"))
+    assert put.status_code == 200
+    assert put.json()["status"]["health"] == "HEALTHY"
+    assert put.json()["metadata"]["namespace"] == "shop"
+
+
 async def test_oversized_body_is_refused(client: httpx.AsyncClient) -> None:
     response = await client.post("/apply", content=b"#" * (5 * 1024 * 1024))
     assert response.status_code == 413

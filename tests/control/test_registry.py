@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,25 @@ spec: {address: 10.0.0.3, labels: {app: reviews}}
     assert [(e.workload, e.port, e.weight) for e in found] == [("a", 8080, 1), ("b", 9080, 3)]
     with pytest.raises(RegistrationError, match="has no port 'grpc'"):
         service_endpoints(service(), [], port_name="grpc")
+
+
+async def test_silent_healthy_workloads_become_unhealthy(store: SqliteStore) -> None:
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    tokens = RegistrationTokens.in_memory()
+    registry = Registry(store, tokens, clock=lambda: now[0])
+    quiet = await registry.register(tokens.issue("default", "reviews"), service="reviews",
+                                    address="127.0.0.1", ports={"http": 1})
+    chatty = await registry.register(tokens.issue("default", "reviews"), service="reviews",
+                                     address="127.0.0.2", ports={"http": 1})
+    never = await registry.register(tokens.issue("default", "reviews"), service="reviews",
+                                    address="127.0.0.3", ports={"http": 1})
+    await registry.report_health("default", quiet.name, "HEALTHY")
+    await registry.report_health("default", chatty.name, "HEALTHY")
+    now[0] += timedelta(seconds=20)
+    await registry.report_health("default", chatty.name, "HEALTHY", reason="still here")
+    now[0] += timedelta(seconds=15)
+    assert await registry.mark_silent_unhealthy(timedelta(seconds=30)) == [f"default/{quiet.name}"]
+    health = {w.name: (w.status.health, w.status.reason) for w in await registry.workloads()}
+    assert health[quiet.name] == ("UNHEALTHY", "no health report for 30s")
+    assert health[chatty.name] == ("HEALTHY", "still here")
+    assert health[never.name] == ("UNKNOWN", None)  # never reported: not the sweeper's to judge

@@ -205,6 +205,12 @@ items:
                      "ports: [{name: http, number: 9080}, {name: http, number: 9081}]"))
 
 
+def test_documents_without_a_namespace_take_the_default_given() -> None:
+    vs, dr = load_documents(REVIEWS, namespace="shop")
+    assert vs.namespace == "shop"
+    assert dr.namespace == "bookinfo"  # named in the document: kept
+
+
 def test_parse_resource_rejects_non_mappings_and_invalid_yaml() -> None:
     with pytest.raises(ResourceInvalid, match="a resource must be a mapping"):
         parse_resource(["x"])

@@ -92,18 +92,19 @@ def kind_type(kind: str) -> type[Resource]:
         raise CliError(exc.message) from None
 
 
-def read_files(files: Iterable[Path]) -> list[Resource]:
+def read_files(files: Iterable[Path], namespace: str | None = None) -> list[Resource]:
     """Every resource in ``files``; every problem printed, then one summary error."""
+    ns = namespace or DEFAULT_NAMESPACE
     resources: list[Resource] = []
     problems: list[str] = []
     for path in files:
         try:
             if str(path) == "-":
-                resources.extend(load_documents(sys.stdin.read(), "<stdin>"))
+                resources.extend(load_documents(sys.stdin.read(), "<stdin>", ns))
             elif not path.exists():
                 problems.append(f"{path}: no such file or directory")
             else:
-                resources.extend(load_path(path))
+                resources.extend(load_path(path, ns))
         except ResourceInvalid as exc:
             problems.extend(exc.lines)
     if problems:
@@ -124,13 +125,14 @@ def _label(kind: str, name: str) -> str:
 
 @click.command()
 @files_option
+@namespace_option
 @server_option
 @click.option("--dry-run", is_flag=True, help="Validate and show what would change; write nothing.")
-def apply(files: tuple[Path, ...], server: str, dry_run: bool) -> None:
+def apply(files: tuple[Path, ...], namespace: str | None, server: str, dry_run: bool) -> None:
     """Create or update resources from YAML (kubectl apply -f)."""
     if not files:
         raise CliError("apply needs -f FILE|DIR (or -f - for stdin)")
-    resources = read_files(files)
+    resources = read_files(files, namespace)
     if not resources:
         raise CliError("no resources found in the input")
     result = Api(server).call("POST", "/apply", content=dump_yaml(resources),
@@ -154,7 +156,7 @@ def delete(kind: str | None, names: tuple[str, ...], files: tuple[Path, ...], na
     if files:
         if kind or names:
             raise CliError("give either KIND NAME... or -f FILE, not both")
-        targets = [(type(r), r.namespace, r.name) for r in read_files(files)]
+        targets = [(type(r), r.namespace, r.name) for r in read_files(files, namespace)]
     elif kind and names:
         resource_type = kind_type(kind)
         targets = [(resource_type, namespace or DEFAULT_NAMESPACE, name) for name in names]

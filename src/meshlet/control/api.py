@@ -10,6 +10,7 @@ Paths follow Kubernetes' shape, with kinds as lowercase plurals:
            metadata.resourceVersion in the body makes it a compare-and-swap (409 on mismatch)
     DELETE /apis/<group>/<version>/namespaces/<ns>/<plural>/<name>   ?resourceVersion=N
     POST   /apply            multi-document YAML or JSON; all validated before any is written
+                             (?namespace= for documents naming none, ?dryRun=true)
     GET    /analyze          findings over the stored config
     POST   /registry/register | /registry/deregister | /registry/health   (JSON bodies)
     POST   /registry/tokens  {"namespace", "serviceAccount", "ttl"} -> {"token"}: a single-use
@@ -33,7 +34,14 @@ from urllib.parse import parse_qs, unquote
 
 from meshlet.control.analyze import analyze
 from meshlet.control.registry import RegistrationError, RegistrationTokens, Registry
-from meshlet.control.resources import KINDS, Resource, ResourceInvalid, load_documents
+from meshlet.control.resources import (
+    DEFAULT_NAMESPACE,
+    KINDS,
+    Resource,
+    ResourceInvalid,
+    Workload,
+    load_documents,
+)
 from meshlet.control.store import Conflict, NotFound, Store, StoreError
 from meshlet.errors import ConfigError
 from meshlet.proxy.http.h1_server import H1ServerProtocol
@@ -62,6 +70,15 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.problems = problems or []
+
+
+def keep_status(existing: Resource | None, incoming: Resource) -> Resource:
+    """A Workload's status belongs to the registry (health comes from proxies): a
+    manifest that carries none keeps the stored one."""
+    if (isinstance(incoming, Workload) and isinstance(existing, Workload)
+            and "status" not in incoming.model_fields_set):
+        return incoming.model_copy(update={"status": existing.status})
+    return incoming
 
 
 def apply_action(existing: Resource | None, incoming: Resource) -> str:
@@ -215,7 +232,7 @@ class ResourceApi:
                            "metadata": {"resourceVersion": str(snapshot.revision)}, "items": items})
 
     async def _put(self, kind: str, namespace: str, name: str, body: bytes) -> Reply:
-        resources = load_documents(_text(body), "request body")
+        resources = load_documents(_text(body), "request body", namespace)
         if len(resources) != 1:
             raise ApiError(400, f"PUT takes exactly one resource, got {len(resources)}")
         resource = resources[0]
@@ -223,17 +240,20 @@ class ResourceApi:
             raise ApiError(400, f"the body is {resource.resource_id} but the path names "
                                 f"{kind} {namespace}/{name}")
         existing = await self.store.get(kind, namespace, name)
+        resource = keep_status(existing, resource)
         stored = await self.store.put(resource, expected_version=resource.metadata.resource_version)
         return Reply(201 if existing is None else 200, stored.to_dict())
 
     # -- other routes ----------------------------------------------------------- #
 
     async def _apply(self, body: bytes, params: dict[str, list[str]]) -> Reply:
-        resources = load_documents(_text(body), "request body")
+        namespace = params.get("namespace", [DEFAULT_NAMESPACE])[0]
+        resources = load_documents(_text(body), "request body", namespace)
         dry_run = params.get("dryRun", ["false"])[0] in ("true", "1", "All")
         results: list[dict[str, str]] = []
         for resource in resources:
             existing = await self.store.get(*resource.key)
+            resource = keep_status(existing, resource)
             action = apply_action(existing, resource)
             if action != "unchanged" and not dry_run:
                 stored = await self.store.put(resource, expected_version=resource.metadata.resource_version)

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol, cast
 
 from meshlet.control.resources import Metadata, Service, Workload, WorkloadSpec, WorkloadStatus
@@ -165,6 +165,26 @@ class Registry:
                 continue
             return cast(Workload, stored)
         raise RegistrationError(f"workload {namespace}/{name}: health update kept conflicting")
+
+    async def mark_silent_unhealthy(self, max_silence: timedelta) -> list[str]:
+        """Workloads reported HEALTHY whose proxy has said nothing for ``max_silence``
+        become UNHEALTHY (a proxy that died cannot deregister). Returns their names."""
+        cutoff = self._now() - max_silence
+        marked: list[str] = []
+        for workload in await self.workloads():
+            status = workload.status
+            last = status.reported_at or status.registered_at
+            if status.health != "HEALTHY" or last is None or last > cutoff:
+                continue
+            silence = int(max_silence.total_seconds())
+            updated = workload.model_copy(update={"status": status.model_copy(update={
+                "health": "UNHEALTHY", "reason": f"no health report for {silence}s"})})
+            try:
+                await self.store.put(updated, expected_version=workload.metadata.resource_version)
+            except (Conflict, NotFound):
+                continue  # reported or removed meanwhile (or another replica got there first)
+            marked.append(f"{workload.namespace}/{workload.name}")
+        return marked
 
     async def workloads(self, namespace: str | None = None) -> list[Workload]:
         return [w for w in await self.store.list("Workload", namespace) if isinstance(w, Workload)]

@@ -24,6 +24,7 @@ import importlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TypeVar
 
 import grpc
@@ -56,6 +57,8 @@ class ControlPlaneSettings:
     api_port: int = DEFAULT_API_PORT
     xds_host: str = "127.0.0.1"
     xds_port: int = DEFAULT_XDS_PORT
+    # Workloads reported HEALTHY but silent this long are marked UNHEALTHY (0: never).
+    health_timeout: float = 30.0
     # gRPC options for the xDS server (large snapshots need a large limit).
     grpc_options: tuple[tuple[str, int], ...] = field(default=(
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -74,6 +77,7 @@ class ControlPlane:
         self.xds_port: int | None = None
         self.on_stop: list[StopHook] = []
         self._stopped = asyncio.Event()
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- what mounts use ------------------------------------------------------- #
 
@@ -115,11 +119,16 @@ class ControlPlane:
     async def start(self) -> None:
         await self.api.start()
         await self.grpc_server.start()
+        if self.settings.health_timeout > 0:
+            self._sweeper = asyncio.create_task(self._sweep_silent_workloads(), name="health-sweeper")
         log.info("control plane: resource API on %s, xDS gRPC on %s:%s, store %s",
                  self.api.url, self.settings.xds_host, self.xds_port, self.settings.store_url)
 
     async def stop(self) -> None:
         """Stop serving and close the store; every step bounded in time."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         for hook in reversed(self.on_stop):
             try:
                 await asyncio.wait_for(hook(), STOP_TIMEOUT)
@@ -135,6 +144,20 @@ class ControlPlane:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    async def _sweep_silent_workloads(self) -> None:
+        timeout = timedelta(seconds=self.settings.health_timeout)
+        period = max(0.5, self.settings.health_timeout / 3)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                marked = await asyncio.wait_for(self.registry.mark_silent_unhealthy(timeout), STOP_TIMEOUT)
+            except Exception as exc:  # the store may be briefly unreachable: try next period
+                log.warning("health sweep failed: %s", exc)
+                continue
+            for name in marked:
+                log.info("workload %s: no health report for %ss, marked UNHEALTHY", name,
+                         self.settings.health_timeout)
 
 
 def load_mount(target: str) -> Mount:

@@ -79,11 +79,15 @@ def plural(resource_type: type[Resource]) -> str:
     return resource_type.KIND.lower() + "s"
 
 
-def parse_resource(data: object, source: str = "") -> Resource:
-    """Validate one document (a dict as parsed from YAML/JSON) into its resource model."""
+def parse_resource(data: object, source: str = "", namespace: str = DEFAULT_NAMESPACE) -> Resource:
+    """Validate one document (a dict as parsed from YAML/JSON) into its resource model;
+    ``namespace`` is used when the document's metadata names none (``kubectl -n``)."""
     where = f"{source}: " if source else ""
     if not isinstance(data, dict):
         raise ResourceInvalid(source, [("", f"a resource must be a mapping, not {type(data).__name__}")])
+    metadata = data.get("metadata")
+    if isinstance(metadata, dict) and "namespace" not in metadata:
+        data = {**data, "metadata": {**metadata, "namespace": namespace}}
     kind = data.get("kind")
     resource_id = _resource_id(data)
     if not isinstance(kind, str) or not kind:
@@ -98,8 +102,9 @@ def parse_resource(data: object, source: str = "") -> Resource:
         raise ResourceInvalid(where + resource_id, problems_of(exc)) from None
 
 
-def load_documents(text: str, source: str = "") -> list[Resource]:
-    """Every resource in a (multi-document) YAML or JSON text.
+def load_documents(text: str, source: str = "", namespace: str = DEFAULT_NAMESPACE) -> list[Resource]:
+    """Every resource in a (multi-document) YAML or JSON text; ``namespace`` for
+    documents that name none.
 
     Raises ``ResourceInvalid`` listing every problem in every document.
     """
@@ -114,7 +119,7 @@ def load_documents(text: str, source: str = "") -> list[Resource]:
     for index, document in enumerate(_flatten(documents)):
         label = f"{source}#{index}" if source else f"document {index}"
         try:
-            resources.append(parse_resource(document, label))
+            resources.append(parse_resource(document, label, namespace))
         except ResourceInvalid as exc:
             problems.append(exc)
     if problems:
@@ -122,7 +127,7 @@ def load_documents(text: str, source: str = "") -> list[Resource]:
     return resources
 
 
-def load_path(path: Path) -> list[Resource]:
+def load_path(path: Path, namespace: str = DEFAULT_NAMESPACE) -> list[Resource]:
     """Resources from a file, or from every .yaml/.yml/.json file under a directory (sorted)."""
     files = sorted(p for p in path.rglob("*") if p.suffix in YAML_SUFFIXES) if path.is_dir() else [path]
     resources: list[Resource] = []
@@ -131,7 +136,7 @@ def load_path(path: Path) -> list[Resource]:
             text = file.read_text(encoding="utf-8")
         except OSError as exc:
             raise ResourceInvalid(str(file), [("", f"cannot read: {exc.strerror}")]) from None
-        resources.extend(load_documents(text, str(file)))
+        resources.extend(load_documents(text, str(file), namespace))
     return resources
 
 
