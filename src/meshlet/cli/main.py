@@ -32,6 +32,7 @@ COMMANDS: dict[str, LazyCommand] = {
     "analyze": LazyCommand("meshlet.cli.resources:analyze_command",
                            "Report mesh config mistakes (files or the control plane)."),
     "ca": LazyCommand("meshlet.cli.ca:ca", "The mesh CA: SVIDs, bootstrap tokens, root rotation."),
+    "xds": LazyCommand("meshlet.cli.xds:xds", "Debug xDS: dump what a control plane serves a node."),
 }
 
 

@@ -42,6 +42,10 @@ def listener_refs(listener: Any) -> Refs:
             downstream = _unpack(chain.transport_socket.typed_config, tls_pb2.DownstreamTlsContext)
             if downstream is not None:
                 secrets.update(_sds_names(downstream.common_tls_context))
+    if listener.HasField("api_listener"):  # gRPC's proxyless clients
+        manager = _unpack(listener.api_listener.api_listener, hcm.HttpConnectionManager)
+        if manager is not None and manager.HasField("rds"):
+            routes.add(manager.rds.route_config_name)
     return Refs(routes=frozenset(routes), secrets=frozenset(secrets))
 
 
