@@ -82,6 +82,7 @@ spec: {host: details.other.svc.cluster.local}
     assert ("IST0101", ratings, "spec.http[0].mirror.subset") in found
     assert ("IST0101", ratings, "spec.gateways[0]") in found
     assert ("IST0101", "DestinationRule default/details", "spec.host") in found
+    assert ("MSH0005", ratings, "spec.hosts[0]") in found
     messages = [f.message for f in findings if f.code == "IST0101"]
     assert "referenced host not found: 'ratings' (ratings.default.svc.cluster.local)" in messages
     assert "referenced host+subset in destinationrule not found: 'reviews'+'v9'" in messages
@@ -105,6 +106,28 @@ spec:
   tcp: [{route: [{destination: {host: api.example.com}}]}]
 """
     assert analyze(load_documents(text)) == []
+
+
+def test_gateway_bound_virtual_service_hosts_are_edge_names() -> None:
+    text = MESH + """
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: bookinfo-gateway}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bookinfo}
+spec:
+  hosts: ["bookinfo.example.com"]
+  gateways: [bookinfo-gateway]
+  http: [{route: [{destination: {host: reviews, subset: v1}}]}]
+"""
+    findings = analyze(load_documents(text))
+    assert [f.code for f in findings if f.resource == "VirtualService default/bookinfo"] == []
 
 
 def test_weights_not_summing_to_100() -> None:
@@ -157,6 +180,31 @@ spec: {host: reviews, trafficPolicy: {tls: {mode: DISABLE}}}
     assert plain in codes(findings)
     assert [f.resource for f in findings if f.code == "MSH0003"] == [
         "DestinationRule default/reviews", "DestinationRule default/reviews-plain"]
+
+
+def test_mesh_wide_strict_from_the_root_namespace() -> None:
+    text = MESH + """
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-plain, namespace: other}
+spec: {host: reviews.default.svc.cluster.local, trafficPolicy: {tls: {mode: DISABLE}}}
+"""
+    found = codes(analyze(load_documents(text)))
+    assert ("MSH0004", "DestinationRule other/reviews-plain", "spec.trafficPolicy.tls.mode") in found
+    permissive = text + """
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default}
+spec: {mtls: {mode: PERMISSIVE}}
+"""
+    assert "MSH0004" not in [c for c, _, _ in codes(analyze(load_documents(permissive)))]
 
 
 def test_fqdn() -> None:

@@ -27,7 +27,8 @@ def control_plane() -> None:
 @control_plane.command()
 @click.option("--store", "store_url", default=DEFAULT_STORE_URL, show_default=True,
               help="sqlite:PATH or etcd:http://HOST:PORT[,http://HOST:PORT...]")
-@click.option("--api-host", default="127.0.0.1", show_default=True, help="Resource API address.")
+@click.option("--api-host", default="127.0.0.1", show_default=True,
+              help="Resource API address. The API has no authentication: keep it on loopback.")
 @click.option("--api-port", type=click.IntRange(0, 65535), default=DEFAULT_API_PORT, show_default=True)
 @click.option("--xds-host", default="127.0.0.1", show_default=True, help="xDS gRPC address.")
 @click.option("--xds-port", type=click.IntRange(0, 65535), default=DEFAULT_XDS_PORT, show_default=True)
@@ -65,7 +66,7 @@ async def _serve(settings: ControlPlaneSettings, mount_targets: tuple[str, ...])
         await plane.mount(mounts)
         await plane.start()
         # One machine-readable line so scripts and tests know where to connect.
-        print(f"control plane ready: api={plane.api.url} xds=127.0.0.1:{plane.xds_port} "
+        print(f"control plane ready: api={plane.api.url} xds={settings.xds_host}:{plane.xds_port} "
               f"store={settings.store_url}", flush=True)
         await stop.wait()
     finally:

@@ -68,6 +68,10 @@ WEIGHTS_NOT_100 = ("MSH0001", "RouteWeightsNotSummingTo100")
 CONFLICTING_PEER_AUTHENTICATION = ("MSH0002", "ConflictingPeerAuthentication")
 CONFLICTING_DESTINATION_RULES = ("MSH0003", "ConflictingDestinationRules")
 MTLS_DISABLED_UNDER_STRICT = ("MSH0004", "DestinationRuleDisablesStrictMtls")
+VIRTUAL_SERVICE_HOST_UNKNOWN = ("MSH0005", "VirtualServiceHostNotFound")
+
+# Namespace-wide policies here apply to the whole mesh (Istio's root namespace).
+ROOT_NAMESPACES = frozenset({"istio-system", "meshlet-system"})
 
 
 def fqdn(host: str, namespace: str) -> str:
@@ -183,6 +187,13 @@ def _check_references(mesh: _Mesh) -> Iterator[Finding]:
             if (namespace or vs.namespace, name) not in mesh.gateways:
                 yield _finding(REFERENCED_RESOURCE_NOT_FOUND, Severity.ERROR, vs, f"spec.gateways[{i}]",
                                f"referenced gateway not found: {gateway!r}")
+        if vs.spec.gateways and "mesh" not in vs.spec.gateways:
+            continue  # gateway-bound: hosts are names clients use at the edge
+        for i, vs_host in enumerate(vs.spec.hosts):
+            if not mesh.known(fqdn(vs_host, vs.namespace)):
+                yield _finding(VIRTUAL_SERVICE_HOST_UNKNOWN, Severity.WARNING, vs, f"spec.hosts[{i}]",
+                               f"host {vs_host!r} is no Service or ServiceEntry: sidecars will "
+                               "never route to it")
     for rule in mesh.rules:
         host = fqdn(rule.spec.host, rule.namespace)
         if not mesh.known(host):
@@ -268,18 +279,30 @@ def _check_conflicting_policies(mesh: _Mesh) -> Iterator[Finding]:
     yield from _check_mtls_disabled_under_strict(mesh)
 
 
+def _namespace_mtls_modes(mesh: _Mesh) -> tuple[dict[str, str], str | None]:
+    """Namespace-wide mTLS modes by namespace, and the mesh-wide one (a namespace-wide
+    policy in a root namespace, as Istio does)."""
+    modes = {pa.namespace: pa.spec.mode for pa in mesh.of(PeerAuthentication) if pa.spec.selector is None}
+    mesh_wide = next((modes[ns] for ns in sorted(ROOT_NAMESPACES) if ns in modes), None)
+    return modes, mesh_wide
+
+
 def _check_mtls_disabled_under_strict(mesh: _Mesh) -> Iterator[Finding]:
-    strict_namespaces = {pa.namespace for pa in mesh.of(PeerAuthentication)
-                         if pa.spec.selector is None and pa.spec.mode == "STRICT"}
+    modes, mesh_wide = _namespace_mtls_modes(mesh)
     for rule in mesh.rules:
         policy = rule.spec.traffic_policy
         if policy is None or policy.tls is None or policy.tls.mode != "DISABLE":
             continue
         service = mesh.services.get(fqdn(rule.spec.host, rule.namespace))
-        if service is not None and service.namespace in strict_namespaces:
+        if service is None:
+            continue
+        mode = modes.get(service.namespace, "UNSET")
+        if mode == "UNSET":
+            mode = mesh_wide or "UNSET"
+        if mode == "STRICT":
             yield _finding(MTLS_DISABLED_UNDER_STRICT, Severity.ERROR, rule, "spec.trafficPolicy.tls.mode",
-                           f"tls mode DISABLE for {rule.spec.host!r}, but namespace {service.namespace!r} "
-                           "requires STRICT mTLS: requests will be refused")
+                           f"tls mode DISABLE for {rule.spec.host!r}, but STRICT mTLS applies to namespace "
+                           f"{service.namespace!r}: requests will be refused")
 
 
 _CHECKS = (
