@@ -279,16 +279,21 @@ def _check_conflicting_policies(mesh: _Mesh) -> Iterator[Finding]:
     yield from _check_mtls_disabled_under_strict(mesh)
 
 
-def _namespace_mtls_modes(mesh: _Mesh) -> tuple[dict[str, str], str | None]:
-    """Namespace-wide mTLS modes by namespace, and the mesh-wide one (a namespace-wide
-    policy in a root namespace, as Istio does)."""
-    modes = {pa.namespace: pa.spec.mode for pa in mesh.of(PeerAuthentication) if pa.spec.selector is None}
-    mesh_wide = next((modes[ns] for ns in sorted(ROOT_NAMESPACES) if ns in modes), None)
-    return modes, mesh_wide
+def _strict_namespaces(mesh: _Mesh) -> tuple[set[str], set[str]]:
+    """Namespaces with a namespace-wide STRICT policy, and those with a namespace-wide
+    policy of another mode. When several apply (reported as MSH0002) STRICT wins
+    here, so a DISABLE that may be refused is not missed."""
+    strict: set[str] = set()
+    other: set[str] = set()
+    for pa in mesh.of(PeerAuthentication):
+        if pa.spec.selector is None and pa.spec.mode != "UNSET":
+            (strict if pa.spec.mode == "STRICT" else other).add(pa.namespace)
+    return strict, other - strict
 
 
 def _check_mtls_disabled_under_strict(mesh: _Mesh) -> Iterator[Finding]:
-    modes, mesh_wide = _namespace_mtls_modes(mesh)
+    strict, not_strict = _strict_namespaces(mesh)
+    mesh_wide_strict = bool(strict & ROOT_NAMESPACES)
     for rule in mesh.rules:
         policy = rule.spec.traffic_policy
         if policy is None or policy.tls is None or policy.tls.mode != "DISABLE":
@@ -296,13 +301,11 @@ def _check_mtls_disabled_under_strict(mesh: _Mesh) -> Iterator[Finding]:
         service = mesh.services.get(fqdn(rule.spec.host, rule.namespace))
         if service is None:
             continue
-        mode = modes.get(service.namespace, "UNSET")
-        if mode == "UNSET":
-            mode = mesh_wide or "UNSET"
-        if mode == "STRICT":
+        namespace = service.namespace
+        if namespace in strict or (mesh_wide_strict and namespace not in not_strict):
             yield _finding(MTLS_DISABLED_UNDER_STRICT, Severity.ERROR, rule, "spec.trafficPolicy.tls.mode",
                            f"tls mode DISABLE for {rule.spec.host!r}, but STRICT mTLS applies to namespace "
-                           f"{service.namespace!r}: requests will be refused")
+                           f"{namespace!r}: requests will be refused")
 
 
 _CHECKS = (
