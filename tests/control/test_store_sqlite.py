@@ -118,3 +118,46 @@ async def test_watch_from_a_compacted_revision_is_refused(tmp_path: Path) -> Non
 async def test_unknown_kind_is_refused(store: SqliteStore) -> None:
     with pytest.raises(StoreError, match="unknown kind 'Pod'"):
         await store.list("Pod")
+
+
+WRITER = """
+import asyncio, sys
+from meshlet.control.resources import load_documents
+from meshlet.control.store.sqlite import SqliteStore
+TEMPLATE = ("apiVersion: networking.istio.io/v1\\nkind: DestinationRule\\n"
+            "metadata: {name: NAME}\\nspec: {host: NAME}\\n")
+async def main():
+    store = await SqliteStore.open(sys.argv[1])
+    for index in range(int(sys.argv[3])):
+        (rule,) = load_documents(TEMPLATE.replace("NAME", f"{sys.argv[2]}-{index}"))
+        await store.put(rule)
+    await store.close()
+asyncio.run(main())
+"""
+
+
+async def test_concurrent_writer_processes_get_distinct_ordered_revisions(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    store = await SqliteStore.open(path, poll_interval=0.05)
+    writes = 40
+    try:
+        watch = store.watch(None, start_revision=await store.revision())
+        writers = [await asyncio.create_subprocess_exec(sys.executable, "-c", WRITER, str(path), prefix,
+                                                        str(writes), stderr=asyncio.subprocess.PIPE)
+                   for prefix in ("a", "b", "c")]
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*(w.communicate() for w in writers)), 60)
+        finally:
+            for writer in writers:
+                if writer.returncode is None:
+                    writer.kill()
+                    await writer.wait()
+        assert all(w.returncode == 0 for w in writers), [err.decode() for _, err in results]
+        events = await store_contract.next_events(watch, 3 * writes)
+        revisions = [e.revision for e in events]
+        assert revisions == sorted(set(revisions))  # unique and increasing
+        assert len({e.resource.name for e in events}) == 3 * writes
+        assert len(await store.list("DestinationRule")) == 3 * writes
+        await watch.aclose()
+    finally:
+        await store.close()
