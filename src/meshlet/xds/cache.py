@@ -158,6 +158,7 @@ class SnapshotCache:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._status_changed: asyncio.Condition | None = None
         self._ack_listeners: list[Callable[[NodeStatus, str, str], None]] = []
+        self._connect_listeners: list[Callable[[Any, NodeStatus], None]] = []
         self._lock = threading.Lock()
 
     # -- snapshots -------------------------------------------------------- #
@@ -188,12 +189,15 @@ class SnapshotCache:
         pending, self._pending = self._pending, {}
         self._first_pending_at = None
         for group, snapshot in pending.items():
-            if snapshot is None:
-                self._published.pop(group, None)
-            else:
-                self._published[group] = snapshot
-            for watch in self._watches.get(group, ()):
-                watch.changed.set()
+            self._publish(group, snapshot)
+
+    def _publish(self, group: str, snapshot: Snapshot | None) -> None:
+        if snapshot is None:
+            self._published.pop(group, None)
+        else:
+            self._published[group] = snapshot
+        for watch in self._watches.get(group, ()):
+            watch.changed.set()
 
     def _submit(self, group: str, snapshot: Snapshot | None) -> None:
         loop = self._loop
@@ -212,6 +216,10 @@ class SnapshotCache:
             loop.call_soon_threadsafe(self._stage, group, snapshot)
 
     def _stage(self, group: str, snapshot: Snapshot | None) -> None:
+        if snapshot is not None and group not in self._published and group not in self._pending:
+            # A group's first snapshot goes out at once: its proxies are waiting for any config.
+            self._publish(group, snapshot)
+            return
         self._pending[group] = snapshot
         loop = self._require_loop()
         now = loop.time()
@@ -257,6 +265,8 @@ class SnapshotCache:
         self._nodes[node_id] = status
         self._forget_oldest_disconnected()
         self._notify_status()
+        for listener in self._connect_listeners:
+            listener(node, status)
         return status
 
     def stream_closed(self, status: NodeStatus) -> None:
@@ -283,6 +293,11 @@ class SnapshotCache:
             status.node_id, SHORT_NAMES.get(type_url, type_url), version, error,
         )
         self._notify_status()
+
+    def add_connect_listener(self, listener: Callable[[Any, NodeStatus], None]) -> None:
+        """Call ``listener(node, node_status)`` when a node opens a stream (``node`` is its
+        ``envoy.config.core.v3.Node``): the translator builds a snapshot for a new node."""
+        self._connect_listeners.append(listener)
 
     def add_ack_listener(self, listener: Callable[[NodeStatus, str, str], None]) -> None:
         """Call ``listener(node_status, type_url, version)`` on every ACK (push-latency probes)."""

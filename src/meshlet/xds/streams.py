@@ -93,6 +93,15 @@ class _SotwType:
     sent: frozenset[tuple[str, str]] | None = None
     nonce: str = ""
     version: str = ""
+    # What the last comparison saw: unchanged means nothing to send, without
+    # walking thousands of resources on every push.
+    basis: tuple[str, bool, frozenset[str]] | None = None
+
+
+def _basis(
+    snapshot: Snapshot, type_url: str, wildcard: bool, names: set[str]
+) -> tuple[str, bool, frozenset[str]]:
+    return (snapshot.version(type_url), wildcard, frozenset(names))
 
 
 class SotwStream:
@@ -155,6 +164,10 @@ class SotwStream:
     ) -> discovery_pb2.DiscoveryResponse | None:
         if snapshot is None:
             return None
+        basis = _basis(snapshot, type_url, state.wildcard, state.names)
+        if basis == state.basis and not force:
+            return None
+        state.basis = basis
         chosen = _desired(snapshot, type_url, state.wildcard, state.names)
         content = frozenset((name, r.version) for name, r in chosen.items())
         if content == state.sent and not force:
@@ -186,6 +199,7 @@ class _DeltaType:
     known: dict[str, str] = field(default_factory=dict)
     nonce: str = ""
     version: str = ""
+    basis: tuple[str, bool, frozenset[str]] | None = None
 
 
 class DeltaStream:
@@ -257,6 +271,10 @@ class DeltaStream:
     ) -> discovery_pb2.DeltaDiscoveryResponse | None:
         if snapshot is None:
             return None
+        basis = _basis(snapshot, type_url, state.wildcard, state.names)
+        if basis == state.basis:
+            return None
+        state.basis = basis
         desired = _desired(snapshot, type_url, state.wildcard, state.names)
         updated = [r for name, r in sorted(desired.items()) if state.known.get(name) != r.version]
         removed = self._removed(state, desired)
