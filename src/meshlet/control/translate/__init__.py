@@ -1,0 +1,109 @@
+"""The translator: Istio-style resources and the registry -> one proxy's xDS snapshot.
+
+    rs = ResourceSet.of(resources)              # once per store revision
+    snapshot = translate(node, rs, identity)     # per proxy (sidecar or gateway)
+    result = translate_with_status(node, rs, identity)   # .snapshot and .status
+
+Every resource is an Envoy v3 message with only fields Envoy knows. What the
+translator cannot do for a proxy, or does differently from the config
+(unknown destinations, unsupported settings, AuthorizationPolicy and
+RequestAuthentication that are stored but not enforced yet), is recorded in
+the proxy's ``TranslationStatus`` rather than dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+
+from meshlet.control.translate.clusters import outbound_clusters
+from meshlet.control.translate.endpoints import load_assignments
+from meshlet.control.translate.gateway import gateway_config
+from meshlet.control.translate.index import ResourceSet
+from meshlet.control.translate.node import GATEWAY, SIDECAR, ProxyNode, node_id
+from meshlet.control.translate.security import (
+    KeyProviderRef,
+    MeshIdentity,
+    StaticIdentity,
+    WorkloadCertificate,
+    ca_secret,
+    certificate_secret,
+    has_mesh_certificate,
+    mesh_secrets,
+    note_unenforced_policies,
+)
+from meshlet.control.translate.sidecar import sidecar_config
+from meshlet.control.translate.status import Note, TranslationStatus
+from meshlet.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+
+__all__ = [
+    "GATEWAY",
+    "SIDECAR",
+    "KeyProviderRef",
+    "MeshIdentity",
+    "Note",
+    "ProxyNode",
+    "ResourceSet",
+    "StaticIdentity",
+    "Translation",
+    "TranslationStatus",
+    "WorkloadCertificate",
+    "node_id",
+    "translate",
+    "translate_with_status",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    snapshot: Snapshot
+    status: TranslationStatus
+    messages: dict[str, list[Message]]
+
+
+def translate(node: ProxyNode, resources: ResourceSet, identity: MeshIdentity | None = None) -> Snapshot:
+    """The snapshot ``node`` should run."""
+    return translate_with_status(node, resources, identity).snapshot
+
+
+def translate_with_status(node: ProxyNode, resources: ResourceSet,
+                          identity: MeshIdentity | None = None) -> Translation:
+    status = TranslationStatus(node.id)
+    for problem in resources.problems:
+        status.warning("", problem)
+    mtls = has_mesh_certificate(node, identity)
+    workload = resources.workload_of(node.id, node.name, node.namespace)
+    messages: dict[str, list[Message]] = {SECRET: [], CLUSTER: [], ENDPOINT: [], LISTENER: [], ROUTE: []}
+    messages[CLUSTER] += outbound_clusters(resources, mtls, status)
+    messages[ENDPOINT] += load_assignments(resources)
+    messages[SECRET] += mesh_secrets(node, identity)
+    if node.kind == GATEWAY:
+        labels = dict(workload.spec.labels) if workload is not None else {"istio": node.name}
+        gateway = gateway_config(resources, node, labels, identity, status)
+        messages[LISTENER] += gateway.listeners
+        messages[ROUTE] += gateway.routes
+        messages[SECRET] += _credential_secrets(gateway.credentials, identity)
+    else:
+        labels = dict(workload.spec.labels) if workload is not None else {}
+        sidecar = sidecar_config(resources, node, workload, mtls, status)
+        messages[LISTENER] += sidecar.listeners
+        messages[ROUTE] += sidecar.routes
+        messages[CLUSTER] += sidecar.clusters
+    namespace = workload.namespace if workload is not None else node.namespace
+    note_unenforced_policies(resources, namespace, labels, status)
+    return Translation(Snapshot.build(messages), status, messages)
+
+
+def _credential_secrets(names: list[str], identity: MeshIdentity | None) -> list[Message]:
+    if identity is None:
+        return []
+    secrets: list[Message] = []
+    for name in dict.fromkeys(names):
+        certificate = identity.credential(name)
+        if certificate is not None:
+            secrets.append(certificate_secret(name, certificate))
+        ca = identity.credential_ca(name)
+        if ca is not None:
+            secrets.append(ca_secret(name + "-cacert", ca))
+    return secrets
