@@ -8,6 +8,7 @@ from meshlet.control.resources import (
     DestinationRule,
     PeerAuthentication,
     ResourceInvalid,
+    ServiceEntry,
     VirtualService,
     Workload,
     dump_yaml,
@@ -15,6 +16,7 @@ from meshlet.control.resources import (
     load_path,
     parse_duration,
     parse_resource,
+    plural,
     resolve_kind,
 )
 
@@ -235,5 +237,8 @@ def test_durations_and_kind_names() -> None:
     assert resolve_kind("vs") is VirtualService
     assert resolve_kind("virtualservices") is VirtualService
     assert resolve_kind("DestinationRule") is DestinationRule
+    assert resolve_kind("serviceentries") is ServiceEntry
+    assert resolve_kind("authorizationpolicies").KIND == "AuthorizationPolicy"
+    assert plural(ServiceEntry) == "serviceentries" and plural(VirtualService) == "virtualservices"
     with pytest.raises(ResourceInvalid, match="unknown kind 'pods'"):
         resolve_kind("pods")

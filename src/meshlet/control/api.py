@@ -41,6 +41,7 @@ from meshlet.control.resources import (
     ResourceInvalid,
     Workload,
     load_documents,
+    plural,
 )
 from meshlet.control.store import Conflict, NotFound, Store, StoreError
 from meshlet.errors import ConfigError
@@ -55,7 +56,7 @@ BODY_TIMEOUT = 10.0
 # A store call that takes longer is answered 503 rather than holding the client.
 STORE_TIMEOUT = 15.0
 JSON_TYPE = "application/json"
-PLURALS: dict[str, type[Resource]] = {t.KIND.lower() + "s": t for t in KINDS.values()}
+PLURALS: dict[str, type[Resource]] = {plural(t): t for t in KINDS.values()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,15 +68,17 @@ def resolve_kind(name: str) -> type[Resource]:
     if lowered in _SHORT_NAMES:
         return KINDS[_SHORT_NAMES[lowered]]
     for kind, resource_type in KINDS.items():
-        if lowered in (kind.lower(), kind.lower() + "s", kind.lower() + "es"):
+        if lowered in (kind.lower(), plural(resource_type)):
             return resource_type
     known = ", ".join(KINDS)
     raise ResourceInvalid("", [("kind", f"unknown kind {name!r} (known: {known})")])
 
 
 def plural(resource_type: type[Resource]) -> str:
-    """The lowercase plural used in API paths: ``virtualservices``."""
-    return resource_type.KIND.lower() + "s"
+    """The lowercase plural used in API paths, as Kubernetes spells it:
+    ``virtualservices``, ``serviceentries``, ``authorizationpolicies``."""
+    kind = resource_type.KIND.lower()
+    return kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
 
 
 def parse_resource(data: object, source: str = "", namespace: str = DEFAULT_NAMESPACE) -> Resource:
