@@ -108,3 +108,20 @@ def test_sds_secrets_feed_tls_listeners(tmp_path: Path) -> None:
     # /config_dump never shows the key.
     dumped = config.source["dynamic"]["secrets"]["server-cert"]["resource"]  # type: ignore[index]
     assert dumped["tls_certificate"]["private_key"]["inline_bytes"] == "[redacted]"
+
+
+def test_check_snapshot_compiles_and_resolves_references() -> None:
+    from meshlet.xds.snapshot import Snapshot
+    from meshlet.xds.validate import check_snapshot
+
+    good = Snapshot.build({
+        LISTENER: [http_listener("http", 18080, "r1")],
+        ROUTE: [route("r1", "c1")],
+        CLUSTER: [cluster("c1")],
+        ENDPOINT: [endpoints("c1", 9001)],
+    })
+    config = check_snapshot(good)
+    assert set(config.listeners) == {"http"} and set(config.clusters) == {"c1"}
+    dangling = Snapshot.build({LISTENER: [http_listener("http", 18080, "r1")]})
+    with pytest.raises(ConfigError, match=r'rds\["r1"\]: is referred to but not in the snapshot'):
+        check_snapshot(dangling)
