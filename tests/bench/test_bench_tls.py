@@ -20,6 +20,7 @@ from meshlet.bench.tls import (
     ENGINES,
     KEYS,
     ServerUnderTest,
+    merge_rounds,
     parse_s_time,
     ratios,
     run_bulk,
@@ -155,6 +156,15 @@ def test_ratios_are_meshlet_over_stdlib_per_key() -> None:
         {"engine": "stdlib-ssl", "key": "rsa2048", **metrics},
     ]
     assert ratios(rows) == {"p256": dict.fromkeys(metrics, 0.5)}
+
+
+def test_rounds_merge_into_medians_of_figures_and_sums_of_counts() -> None:
+    runs = [{"engine": "meshlet", "key": "p256", "cpu_us_per_handshake": v, "full_handshakes": n,
+             "shared_core": False} for v, n in ((300.0, 10), (100.0, 20), (200.0, 30))]
+    assert merge_rounds(runs) == {"engine": "meshlet", "key": "p256", "cpu_us_per_handshake": 200.0,
+                                  "full_handshakes": 60, "shared_core": False, "rounds": 3}
+    failed = {"engine": "meshlet", "key": "p256", "error": "did not start"}
+    assert merge_rounds([*runs, failed]) == failed
 
 
 # --------------------------------------------------------------------------- #

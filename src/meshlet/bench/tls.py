@@ -36,6 +36,7 @@ import re
 import shutil
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,7 @@ class TlsBenchOptions:
     handshake_clients: int = 4  # concurrent s_time processes
     bulk_mb: int = 256
     warmup_s: float = 1.0
+    rounds: int = 1  # each (engine, key) measured this many times, alternating; medians reported
     engines: tuple[str, ...] = ENGINES
     keys: tuple[str, ...] = KEYS
 
@@ -446,21 +448,51 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def run_tls_bench(opts: TlsBenchOptions, progress: Progress) -> dict[str, Any]:
-    """Every (engine, key) of ``opts``; one that fails gets a row with ``error``."""
+    """Every (engine, key) of ``opts``, ``opts.rounds`` times with the engines
+    alternating; one that fails gets a row with ``error``."""
     unknown = [e for e in opts.engines if e not in ENGINES] + [k for k in opts.keys if k not in KEYS]
     if unknown:
         raise ValueError(f"unknown engine(s)/key(s): {', '.join(unknown)}")
     openssl_binary()
     plan = plan_cpus()
-    rows: list[dict[str, Any]] = []
+    measured: dict[tuple[str, str], list[dict[str, Any]]] = {
+        (engine, key): [] for key in opts.keys for engine in opts.engines
+    }
     with tempfile.TemporaryDirectory(prefix="meshlet-bench-tls-") as tmp:
         workdir = Path(tmp)
         files = {key: write_key_files(key, workdir) for key in opts.keys}
-        for key in opts.keys:
-            for engine in opts.engines:
+        for round_number in range(1, opts.rounds + 1):
+            if opts.rounds > 1:
+                progress(f"round {round_number} of {opts.rounds}")
+            for (engine, key), runs in measured.items():
                 try:
-                    rows.append(bench_one(engine, key, files[key], opts, plan, workdir, progress))
+                    runs.append(bench_one(engine, key, files[key], opts, plan, workdir, progress))
                 except (ChildError, OSError) as exc:
                     progress(f"{engine}/{key}: failed: {exc}")
-                    rows.append({"engine": engine, "key": key, "error": str(exc)})
+                    runs.append({"engine": engine, "key": key, "error": str(exc)})
+    rows = [merge_rounds(runs) for runs in measured.values()]
     return {"rows": rows, "ratios": ratios(rows)}
+
+
+SUMMED_FIELDS = frozenset({"full_handshakes", "resumed_handshakes", "resumed_marked_by_client"})
+
+
+def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from several rounds: medians of the figures, sums of the counts;
+    a failed round makes the row an error row."""
+    failed = [run for run in runs if "error" in run]
+    if failed:
+        return failed[0]
+    if len(runs) == 1:
+        return {**runs[0], "rounds": 1}
+    merged: dict[str, Any] = {}
+    for field, first in runs[0].items():
+        values = [run[field] for run in runs]
+        if isinstance(first, bool) or not isinstance(first, int | float):
+            merged[field] = first
+        elif field in SUMMED_FIELDS:
+            merged[field] = sum(values)
+        else:
+            merged[field] = round(statistics.median(values), 3)
+    merged["rounds"] = len(runs)
+    return merged

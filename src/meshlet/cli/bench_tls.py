@@ -31,8 +31,10 @@ COLUMNS = ("engine", "key", "full_handshakes_per_s", "resumed_handshakes_per_s",
               help="Concurrent openssl s_time processes in the handshake phases [4].")
 @click.option("--bulk-mb", type=click.IntRange(min=1, max=100_000),
               help="MB (10^6 bytes) each way through one connection in the bulk phases [256].")
+@click.option("--rounds", type=click.IntRange(min=1, max=20),
+              help="Measure each engine and key this many times, alternating; report medians [1].")
 def tls_bench(as_json: bool, quick: bool, engines: tuple[str, ...], keys: tuple[str, ...],
-              duration: float | None, clients: int | None, bulk_mb: int | None) -> None:
+              duration: float | None, clients: int | None, bulk_mb: int | None, rounds: int | None) -> None:
     """TLS engines side by side: handshakes/s, server CPU per handshake, bulk MB/s."""
     from meshlet.bench.procs import ChildError
     from meshlet.bench.tls import QUICK, TlsBenchOptions, run_tls_bench
@@ -40,7 +42,7 @@ def tls_bench(as_json: bool, quick: bool, engines: tuple[str, ...], keys: tuple[
     opts = QUICK if quick else TlsBenchOptions()
     overrides: dict[str, Any] = {
         "engines": engines or None, "keys": keys or None, "handshake_s": duration,
-        "handshake_clients": clients, "bulk_mb": bulk_mb,
+        "handshake_clients": clients, "bulk_mb": bulk_mb, "rounds": rounds,
     }
     opts = replace(opts, **{k: v for k, v in overrides.items() if v is not None})
     try:
