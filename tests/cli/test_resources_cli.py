@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -131,6 +132,17 @@ def test_apply_get_describe_delete(server: str, manifests: Path, capsys: pytest.
     assert "No VirtualService resources found in namespace default." in err
     code, out, _ = run(["delete", "-f", str(manifests / "bookinfo.yaml"), "--server", server], capsys)
     assert code == 0 and len(out.splitlines()) == 3
+
+
+def test_registration_token_from_the_cli(server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["control-plane", "token", "--service-account", "reviews", "--server", server], capsys)
+    assert code == 0
+    token = out.strip()
+    body = {"token": token, "service": "reviews", "address": "127.0.0.1", "ports": {"http": 19080}}
+    registered = httpx.post(server + "/registry/register", json=body, timeout=10)
+    assert registered.status_code == 201 and registered.json()["spec"]["serviceAccount"] == "reviews"
+    code, _, err = run(["control-plane", "token", "--service-account", "Bad_SA", "--server", server], capsys)
+    assert code == 2 and "not a DNS label" in err
 
 
 def test_invalid_files_are_refused_before_sending(manifests: Path, tmp_path: Path,

@@ -3,11 +3,13 @@
 Opens the store (``--store sqlite:PATH`` or ``etcd:http://h:2379,...``),
 serves the resource API on loopback and the gRPC server that xDS and the CA
 mount into (``--mount module:function``), until SIGINT/SIGTERM.
+``meshlet control-plane token`` issues a workload registration token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 
@@ -72,3 +74,18 @@ async def _serve(settings: ControlPlaneSettings, mount_targets: tuple[str, ...])
     finally:
         await plane.stop()
         sys.stdout.flush()
+
+
+@control_plane.command()
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--service-account", required=True, help="The workload's service account.")
+@click.option("--ttl", type=click.IntRange(1, 86400), default=3600, show_default=True, help="Seconds.")
+@click.option("--server", envvar="MESHLET_SERVER", default="http://127.0.0.1:15080", show_default=True,
+              help="The control plane's resource API (env MESHLET_SERVER).")
+def token(namespace: str, service_account: str, ttl: int, server: str) -> None:
+    """Issue a single-use token a workload registers with (printed on stdout)."""
+    from meshlet.cli.resources import Api
+
+    issued = Api(server).call("POST", "/registry/tokens", content=json.dumps(
+        {"namespace": namespace, "serviceAccount": service_account, "ttl": ttl}))
+    click.echo(issued["token"])
