@@ -25,7 +25,7 @@ from meshlet.proxy.server import Proxy
 from meshlet.proxy.upstream.cluster import ClusterRuntime
 
 HTTP_CHECK = (
-    "{ timeout: 0.5s, interval: 0.05s, no_traffic_interval: 0.05s, unhealthy_threshold: 2,"
+    "{ timeout: 2s, interval: 0.05s, no_traffic_interval: 0.05s, unhealthy_threshold: 2,"
     " healthy_threshold: 2, http_health_check: { path: /healthz } }"
 )
 
@@ -73,7 +73,7 @@ async def test_http_check_takes_a_host_out_and_back() -> None:
 
 async def test_thresholds_count_consecutive_results() -> None:
     check = (
-        "{ timeout: 0.5s, interval: 0.02s, no_traffic_interval: 0.02s, unhealthy_threshold: 3,"
+        "{ timeout: 2s, interval: 0.02s, no_traffic_interval: 0.02s, unhealthy_threshold: 3,"
         " healthy_threshold: 4, http_health_check: { path: /healthz } }"
     )
     async with backends(1) as bs, running_proxy(bootstrap(checked_cluster(bs, check))) as proxy:
@@ -116,7 +116,7 @@ async def test_panic_mode_spreads_over_every_host() -> None:
 
 async def test_tcp_connect_check_follows_the_listener() -> None:
     check = (
-        "{ timeout: 0.5s, interval: 0.05s, no_traffic_interval: 0.05s, unhealthy_threshold: 1,"
+        "{ timeout: 2s, interval: 0.05s, no_traffic_interval: 0.05s, unhealthy_threshold: 1,"
         " healthy_threshold: 1, tcp_health_check: {} }"
     )
     async with backends(2) as bs, running_proxy(bootstrap(checked_cluster(bs, check))) as proxy:
@@ -177,7 +177,7 @@ async def test_tcp_send_receive_payloads(receive: str) -> None:
         good_b, bad_b = Backend("good"), Backend("bad")
         good_b.port, bad_b.port = good, bad
         check = (
-            "{ timeout: 0.5s, interval: 0.05s, no_traffic_interval: 0.05s, unhealthy_threshold: 1,"
+            "{ timeout: 2s, interval: 0.05s, no_traffic_interval: 0.05s, unhealthy_threshold: 1,"
             f" healthy_threshold: 1, tcp_health_check: {{ send: {{ text: '50494e47' }},"
             f" receive: [{{ text: '{receive}' }}] }} }}"
         )

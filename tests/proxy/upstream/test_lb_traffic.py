@@ -86,7 +86,7 @@ async def test_priorities_fail_over_when_p0_is_down() -> None:
     async with backends(2) as bs:
         cluster = f"""    type: STATIC
     health_checks:
-    - {{ timeout: 0.5s, interval: 0.05s, no_traffic_interval: 0.05s, unhealthy_threshold: 1,
+    - {{ timeout: 2s, interval: 0.05s, no_traffic_interval: 0.05s, unhealthy_threshold: 1,
         healthy_threshold: 1, http_health_check: {{ path: /healthz }} }}
     load_assignment:
       cluster_name: svc
@@ -117,7 +117,7 @@ async def test_slow_start_ramps_a_host_back_in() -> None:
       slow_start_config: {{ slow_start_window: 30s, min_weight_percent: {{ value: 10 }} }}
     common_lb_config: {{ healthy_panic_threshold: {{ value: 0 }} }}
     health_checks:
-    - {{ timeout: 0.5s, interval: 0.05s, no_traffic_interval: 0.05s, unhealthy_threshold: 1,
+    - {{ timeout: 2s, interval: 0.05s, no_traffic_interval: 0.05s, unhealthy_threshold: 1,
         healthy_threshold: 1, http_health_check: {{ path: /healthz }} }}
     load_assignment:
       cluster_name: svc
