@@ -342,7 +342,7 @@ class CaClient:
     """Talks to the CA service over TLS anchored in the trust bundle.
 
     The channel is opened on first use in the running event loop and rebuilt
-    when the trust bundle changes (root rotation) or the loop does."""
+    when the target, the trust bundle (root rotation) or the loop changes."""
 
     def __init__(self, target: str, trust_bundle_pem: bytes, *, server_name: str | None = None,
                  timeout: float = 10.0) -> None:
@@ -351,8 +351,8 @@ class CaClient:
         self.timeout = timeout
         self._bundle = trust_bundle_pem
         self._channel: grpc.aio.Channel | None = None
-        self._channel_bundle = b""
-        self._loop: object = None
+        # The target, bundle and event loop the channel was opened for; any change reopens it.
+        self._opened_for: tuple[str, bytes, object] | None = None
 
     def update_trust_bundle(self, bundle_pem: bytes) -> None:
         self._bundle = bundle_pem
@@ -361,7 +361,8 @@ class CaClient:
         import asyncio
 
         loop = asyncio.get_running_loop()
-        if self._channel is not None and self._channel_bundle == self._bundle and self._loop is loop:
+        opened_for = (self.target, self._bundle, loop)
+        if self._channel is not None and self._opened_for == opened_for:
             return self._channel
         options: list[tuple[str, str | int]] = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
         if self.server_name:
@@ -369,8 +370,7 @@ class CaClient:
         credentials = grpc.ssl_channel_credentials(root_certificates=self._bundle)
         # The old channel (if any) is left to close itself: calls may still be on it.
         self._channel = grpc.aio.secure_channel(self.target, credentials, options=options)
-        self._channel_bundle = self._bundle
-        self._loop = loop
+        self._opened_for = opened_for
         return self._channel
 
     async def create_certificate(self, request: CertificateRequest, *, token: str | None = None

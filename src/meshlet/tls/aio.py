@@ -483,7 +483,9 @@ class _TlsProtocol(asyncio.Protocol):
             app.data_received(data)
 
     def _start_signing(self, event: SignatureRequired) -> None:
-        key = self._factory.config.key
+        # The connection's own config, not the factory's: a certificate rotated
+        # mid-handshake must not pair the old chain with the new key.
+        key = self._conn.config.key
         if key is None:
             self._handle(self._conn.fail_signature("no key handle configured"))
             return
