@@ -66,8 +66,12 @@ class _OpenLoop:
         self.finished: asyncio.Future[None] = self.loop.create_future()
 
     async def run(self) -> OpenLoopResult:
-        for _ in range(self.connections):
-            self.idle.append(await self._open())
+        try:
+            for _ in range(self.connections):
+                self.idle.append(await self._open())
+        except BaseException:
+            await self._shutdown()  # the connections that did open
+            raise
         start = time.perf_counter() + 0.02
         ticker = threading.Thread(target=self._tick, args=(start,), name="openloop-ticker", daemon=True)
         previous_interval = sys.getswitchinterval()
