@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
@@ -218,7 +218,7 @@ class Resource(Strict):
                             **body.get("metadata", {})}
         return data
 
-    def with_metadata(self, **changes: Any) -> Resource:
+    def with_metadata(self, **changes: Any) -> Self:
         """A copy with metadata fields replaced (used by stores to stamp versions)."""
         return self.model_copy(update={"metadata": self.metadata.model_copy(update=changes)})
 

@@ -80,8 +80,9 @@ class SqliteStore:
         self._closed = False
 
     @classmethod
-    async def open(cls, path: str | Path, **options: float) -> SqliteStore:
-        store = cls(Path(path), **options)  # type: ignore[arg-type]
+    async def open(cls, path: str | Path, *, poll_interval: float = POLL_INTERVAL,
+                   events_kept: int = EVENTS_KEPT) -> SqliteStore:
+        store = cls(Path(path), poll_interval=poll_interval, events_kept=events_kept)
         await store._run(store._connect)
         return store
 
