@@ -100,3 +100,15 @@ async def test_max_retries_overflow() -> None:
             assert all(r.status_code == 503 for r in answers)
             assert (stat(proxy, "cluster.svc.upstream_rq_retry_overflow") or 0) >= 1
             assert stat(proxy, "cluster.svc.circuit_breakers.default.rq_retry_open") == 0
+
+
+async def test_every_host_gets_a_connection_past_the_limit() -> None:
+    """As in Envoy, a host with no connection may always open one, so one
+    host's idle connection cannot starve the others' requests."""
+    async with backends(2) as bs:
+        config = limited_cluster(bs, "[{ max_connections: 1 }]")
+        async with running_proxy(bootstrap(config)) as proxy:
+            answers = await burst(proxy, 6)
+            assert [r.status_code for r in answers] == [200] * 6
+            assert bs[0].hits == bs[1].hits == 3
+            assert (stat(proxy, "cluster.svc.upstream_cx_overflow") or 0) >= 1

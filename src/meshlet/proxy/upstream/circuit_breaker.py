@@ -12,6 +12,9 @@ the limit is reached) and, with ``track_remaining``,
 
 from __future__ import annotations
 
+import weakref
+from typing import Protocol
+
 from meshlet.config.model import CircuitBreakers, CircuitBreakerThresholds
 from meshlet.proxy.observe.stats import Counter, Gauge, Scope
 
@@ -41,6 +44,11 @@ class Resource:
         self._publish()
         return True
 
+    def force_acquire(self) -> None:
+        """Take the resource even past its limit (see ``ResourceManager.acquire_connection``)."""
+        self.count += 1
+        self._publish()
+
     def release(self) -> None:
         if self.count > 0:
             self.count -= 1
@@ -54,6 +62,15 @@ class Resource:
         self._open.set(1 if self.count >= self.limit else 0)
         if self._remaining is not None:
             self._remaining.set(max(self.limit - self.count, 0))
+
+
+class ConnectionWaiter(Protocol):
+    """A pool with requests waiting for a connection slot."""
+
+    @property
+    def waiting(self) -> bool: ...
+
+    def wake_one(self) -> None: ...
 
 
 class ResourceManager:
@@ -81,6 +98,9 @@ class ResourceManager:
         self.requests = make(
             thresholds.max_requests, "rq_open", "remaining_rq", "upstream_rq_pending_overflow"
         )
+        # Pools sharing the connection limit: a slot freed by one may serve
+        # a request queued in another.
+        self._pools: weakref.WeakSet[ConnectionWaiter] = weakref.WeakSet()
         self.retries = make(
             thresholds.max_retries, "rq_retry_open", "remaining_retries", "upstream_rq_retry_overflow"
         )
@@ -106,8 +126,26 @@ class ResourceManager:
     def try_acquire_connection(self) -> bool:
         return self.connections.try_acquire()
 
+    def acquire_connection(self, *, pool_is_empty: bool) -> bool:
+        """A connection slot for a pool. As Envoy does, a pool without any
+        connection always gets one (counted as an overflow when past the
+        limit): otherwise other hosts' connections could starve it forever."""
+        if self.connections.try_acquire():
+            return True
+        if pool_is_empty:
+            self.connections.force_acquire()
+            return True
+        return False
+
     def release_connection(self) -> None:
         self.connections.release()
+        for pool in self._pools:
+            if pool.waiting:
+                pool.wake_one()
+                return
+
+    def share_connections_with(self, pool: ConnectionWaiter) -> None:
+        self._pools.add(pool)
 
 
 class CircuitBreakerSet:

@@ -123,6 +123,8 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.max_requests_per_connection = max_requests_per_connection
         self._resources = resources
+        if resources is not None:
+            resources.share_connections_with(self)
         self._leases: dict[UpstreamConnection, int] = {}
         self._served: dict[UpstreamConnection, int] = {}
         self._idle_timers: dict[UpstreamConnection, asyncio.TimerHandle] = {}
@@ -186,7 +188,10 @@ class ConnectionPool:
         if self.multiplexed and self._connecting:
             return False
         # Takes the cluster's connection resource; _open owns it from here.
-        return self._resources is None or self._resources.try_acquire_connection()
+        if self._resources is None:
+            return True
+        empty = not self._leases and not self._connecting
+        return self._resources.acquire_connection(pool_is_empty=empty)
 
     async def _open(self) -> UpstreamConnection:
         self._connecting += 1
@@ -313,6 +318,13 @@ class ConnectionPool:
         if self._resources is not None:
             self._resources.release_connection()
         conn.close()
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._waiters)
+
+    def wake_one(self) -> None:
+        self._wake_one()
 
     def _wake_one(self) -> None:
         while self._waiters:
