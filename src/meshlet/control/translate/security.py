@@ -254,4 +254,4 @@ def note_unenforced_policies(rs: ResourceSet, namespace: str, labels: Mapping[st
         applies = (policy.namespace == namespace and labels_match(selector, labels)) or (
             policy.namespace in ROOT_NAMESPACES and not selector)
         if applies:
-            status.warning(policy.resource_id, "stored, not enforced (enforcement comes in a later release)")
+            status.warning(policy.resource_id, "stored, not enforced")
