@@ -237,28 +237,26 @@ class Maglev(Generic[H]):
         weights = _normalized([max(self._weight_of(h), 1e-9) for h in hosts])
         heaviest = max(weights)
         keys = [self._key_of(h) for h in hosts]
-        offsets = [xxhash64(k, 0) % size for k in keys]
         skips = [xxhash64(k, 1) % (size - 1) + 1 for k in keys]
-        nexts = [0] * len(hosts)
+        # Each host's current position in its permutation, offset + skip * n.
+        positions = [xxhash64(k, 0) % size for k in keys]
         targets = [0.0] * len(hosts)
         slots: list[int] = [-1] * size
         filled = 0
         iteration = 0
         while filled < size:
-            for i in range(len(hosts)):
-                if filled >= size:
-                    break
-                if iteration * weights[i] < targets[i]:
+            for i, weight in enumerate(weights):
+                if iteration * weight < targets[i]:
                     continue
                 targets[i] += heaviest
-                offset, skip, n = offsets[i], skips[i], nexts[i]
-                c = (offset + skip * n) % size
+                c, skip = positions[i], skips[i]
                 while slots[c] >= 0:
-                    n += 1
-                    c = (offset + skip * n) % size
+                    c = (c + skip) % size
                 slots[c] = i
-                nexts[i] = n + 1
+                positions[i] = (c + skip) % size
                 filled += 1
+                if filled >= size:
+                    break
             iteration += 1
         return [hosts[i] for i in slots]
 
