@@ -102,9 +102,19 @@ async def test_registration_refusals(store: SqliteStore) -> None:
     registry = Registry(store, tokens)
     with pytest.raises(RegistrationError, match="unknown"):
         await registry.register("forged", service="reviews", address="127.0.0.1", ports={"http": 1})
+    token = tokens.issue("default", "reviews")
     with pytest.raises(RegistrationError, match=r"out of range 1\.\.65535"):
-        await registry.register(tokens.issue("default", "reviews"), service="reviews",
-                                address="127.0.0.1", ports={"http": 0})
+        await registry.register(token, service="reviews", address="127.0.0.1", ports={"http": 0})
+    # The mistake did not spend the token.
+    first = await registry.register(token, service="reviews", address="127.0.0.1", ports={"http": 1},
+                                    name="reviews-1")
+    # A restarted proxy re-registers under its name; another service account may not take it.
+    again = await registry.register(tokens.issue("default", "reviews"), service="reviews",
+                                    address="127.0.0.9", ports={"http": 1}, name="reviews-1")
+    assert again.spec.address == "127.0.0.9" and again.metadata.uid == first.metadata.uid
+    with pytest.raises(RegistrationError, match="registered by service account 'reviews'"):
+        await registry.register(tokens.issue("default", "ratings"), service="ratings",
+                                address="127.0.0.2", ports={"http": 1}, name="reviews-1")
     with pytest.raises(RegistrationError, match="is not registered"):
         await registry.report_health("default", "ghost", "HEALTHY")
 

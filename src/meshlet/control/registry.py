@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, cast
 
+from pydantic import ValidationError
+
 from meshlet.control.resources import Metadata, Service, Workload, WorkloadSpec, WorkloadStatus
-from meshlet.control.resources.base import check_dns_label, check_labels
+from meshlet.control.resources.base import check_dns_label, check_labels, check_name
+from meshlet.control.resources.loader import problems_of
 from meshlet.control.resources.mesh import Health
-from meshlet.control.store import Conflict, NotFound, Store
+from meshlet.control.store import MUST_NOT_EXIST, Conflict, NotFound, Store
 from meshlet.errors import MeshletError
 from meshlet.identity.spiffe import SpiffeId
 from meshlet.identity.tokens import (
@@ -118,24 +121,37 @@ class Registry:
     async def register(self, token: str, *, service: str, address: str, ports: Mapping[str, int],
                        labels: Mapping[str, str] | None = None, version: str | None = None,
                        name: str | None = None, proxy_id: str | None = None) -> Workload:
-        """Spend ``token`` and record a workload of ``service`` in the token's namespace."""
-        claims = self.tokens.redeem(token)
+        """Spend ``token`` and record a workload of ``service`` in the token's namespace.
+
+        The request is checked before the token is spent, so a mistake does not burn
+        it. Registering under an existing name replaces that workload only when it
+        runs as the same service account (a restarted proxy re-registering)."""
         all_labels = {"app": service, **(labels or {})}
         if version is not None:
             all_labels["version"] = version
+        workload_name = name or f"{service}-{uuid.uuid4().hex[:8]}"
         try:
             check_labels(all_labels)
-            workload = Workload(
-                api_version=Workload.api_version_string(),
-                metadata=Metadata(name=name or f"{service}-{uuid.uuid4().hex[:8]}",
-                                  namespace=claims.namespace),
-                spec=WorkloadSpec(address=address, ports=dict(ports), labels=all_labels,
-                                  service_account=claims.service_account, proxy_id=proxy_id),
-                status=WorkloadStatus(registered_at=self._now()),
-            )
+            check_name(workload_name)
+            spec = WorkloadSpec(address=address, ports=dict(ports), labels=all_labels, proxy_id=proxy_id)
+        except ValidationError as exc:
+            problems = "; ".join(f"{path}: {message}" for path, message in problems_of(exc))
+            raise RegistrationError(f"registration of {service}: {problems}") from None
         except ValueError as exc:
             raise RegistrationError(f"registration of {service}: {exc}") from None
-        return cast(Workload, await self.store.put(workload))
+        claims = self.tokens.redeem(token)
+        workload = Workload(
+            api_version=Workload.api_version_string(),
+            metadata=Metadata(name=workload_name, namespace=claims.namespace),
+            spec=spec.model_copy(update={"service_account": claims.service_account}),
+            status=WorkloadStatus(registered_at=self._now()),
+        )
+        existing = await self.store.get("Workload", claims.namespace, workload_name)
+        if isinstance(existing, Workload) and existing.spec.service_account != claims.service_account:
+            raise RegistrationError(f"workload {claims.namespace}/{workload_name} is registered by service "
+                                    f"account {existing.spec.service_account!r}")
+        expected = existing.metadata.resource_version if existing is not None else MUST_NOT_EXIST
+        return cast(Workload, await self.store.put(workload, expected_version=expected))
 
     async def deregister(self, namespace: str, name: str, *, proxy_id: str | None = None) -> None:
         """Remove a workload. With ``proxy_id``, only the proxy that registered it may."""
