@@ -79,15 +79,26 @@ def test_quitquitquit(proxy: tuple[MeshletProcess, int]) -> None:
     assert meshlet.proc.wait(timeout=10) == 0
 
 
+def wait_for_stat(meshlet: MeshletProcess, name: str, at_least: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, body = meshlet.admin("/stats")
+        stats = dict(line.split(": ", 1) for line in body.splitlines() if ": " in line)
+        if int(stats.get(name, "0")) >= at_least:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{name} never reached {at_least}")
+
+
 def test_sigterm_drains_in_flight_requests(proxy: tuple[MeshletProcess, int]) -> None:
     meshlet, port = proxy
     results: list[tuple[int, bytes]] = []
-    slow = threading.Thread(target=lambda: results.append(get(f"http://127.0.0.1:{port}/delay/700")))
+    slow = threading.Thread(target=lambda: results.append(get(f"http://127.0.0.1:{port}/delay/1500")))
     slow.start()
-    time.sleep(0.3)  # the request is in flight at the upstream
+    wait_for_stat(meshlet, "cluster.app.upstream_rq_active", 1)  # in flight at the upstream
     assert meshlet.terminate(timeout=10) == 0
     slow.join(timeout=10)
-    assert results == [(200, b"delayed 700 ms\n")]
+    assert results == [(200, b"delayed 1500 ms\n")]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
