@@ -120,7 +120,7 @@ async def test_success_rate_outlier_is_ejected() -> None:
     async with backends(5) as bs, running_proxy(bootstrap(detected_cluster(bs, outlier))) as proxy:
         bs[0].status = 500
         host = host_of(proxy, bs[0])
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(15):
             while not host.outlier.ejected:
                 await spread(proxy, 100)
         assert stat(proxy, "cluster.svc.outlier_detection.ejections_enforced_success_rate") == 1
