@@ -152,9 +152,11 @@ class TcpProxySession(asyncio.Protocol):
                 host.counters.cx_connect_fail += 1
                 self._info.flags |= ResponseFlag.UF
                 self._info.upstream_failure_reason = str(exc)
+                host.record_result(503)  # outlier detection: a gateway failure
                 if attempt + 1 == attempts and attempts > 1:
                     self._info.flags |= ResponseFlag.URX
                 continue
+            host.record_result(200)  # connected: ends a run of failures
             cluster.stats.connections.cx_active.inc()
             host.counters.cx_active += 1
             self._host = host

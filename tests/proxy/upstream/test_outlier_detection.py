@@ -177,3 +177,40 @@ def test_ejection_time_is_capped_and_decays_in_service() -> None:
     now[0] += 10.0
     detector.sweep()
     assert host.outlier.ejections == multiplier - 1
+
+
+TCP_PROXY_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+
+
+async def test_tcp_proxy_connect_failures_eject() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = Backend("dead")
+        dead.port = s.getsockname()[1]
+    async with backends(1) as bs:
+        outlier = "{ consecutive_5xx: 2, interval: 10s, base_ejection_time: 10s, max_ejection_percent: 100 }"
+        config = f"""
+static_resources:
+  listeners:
+  - name: tcp
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config: {{ "@type": {TCP_PROXY_TYPE}, stat_prefix: tcp, cluster: svc }}
+  clusters:
+  - name: svc
+    connect_timeout: 1s
+{detected_cluster([dead, bs[0]], outlier)}
+"""
+        async with running_proxy(config) as proxy:
+            address = proxy.listeners.address("tcp")
+            assert address is not None
+            for _ in range(8):
+                reader, writer = await asyncio.open_connection("127.0.0.1", address[1])
+                writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                await asyncio.wait_for(reader.read(200), 5)  # served, or closed on a failure
+                writer.close()
+            assert host_of(proxy, dead).outlier.ejected
+            assert not host_of(proxy, bs[0]).outlier.ejected
+            assert bs[0].hits == 6  # 8 connections, 2 failed before the ejection
