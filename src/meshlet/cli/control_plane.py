@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from meshlet.cli.errors import CliError
+from meshlet.cli.errors import EXIT_RUNTIME, CliError
 from meshlet.cli.logs import DEFAULT_LEVEL, LEVEL_NAMES, configure_logging
 from meshlet.control.server import DEFAULT_API_PORT, DEFAULT_XDS_PORT, ControlPlaneSettings
 from meshlet.control.store import DEFAULT_STORE_URL
@@ -59,7 +59,7 @@ async def _serve(settings: ControlPlaneSettings, mount_targets: tuple[str, ...])
     try:
         await plane.open()
     except StoreError as exc:
-        raise CliError(f"cannot open the store {settings.store_url}: {exc}", 1) from None
+        raise CliError(f"cannot open the store {settings.store_url}: {exc}", EXIT_RUNTIME) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

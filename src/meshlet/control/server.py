@@ -110,6 +110,7 @@ class ControlPlane:
         try:
             self.xds_port = self._grpc.add_insecure_port(address)
         except RuntimeError as exc:
+            await self._store.close()
             raise ConfigError("xds.address", f"cannot listen on {address}: {exc}") from None
 
     async def mount(self, mounts: Sequence[Mount]) -> None:

@@ -52,7 +52,11 @@ class EtcdStore:
     @classmethod
     async def open(cls, endpoints: Sequence[str], prefix: bytes = PREFIX) -> EtcdStore:
         store = cls(EtcdClient(endpoints), prefix)
-        await store.revision()  # fail now if no endpoint answers
+        try:
+            await store.revision()  # fail now if no endpoint answers
+        except BaseException:
+            await store.close()
+            raise
         return store
 
     # -- Store interface ----------------------------------------------------- #

@@ -134,7 +134,9 @@ class EtcdClient:
                 result: dict[str, Any] = response.json()
                 return result
             if time.monotonic() + pause > deadline:
-                raise EtcdUnavailable(f"etcd {path}: no endpoint answered ({'; '.join(errors[-6:])})")
+                distinct = list(dict.fromkeys(errors))[-len(self.endpoints):]
+                raise EtcdUnavailable(f"etcd {path}: no endpoint answered within {self.retry_for:g}s "
+                                      f"({'; '.join(distinct)})")
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
 
