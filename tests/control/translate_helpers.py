@@ -18,7 +18,8 @@ from meshlet.config.model import ProxyConfig
 from meshlet.control.resources import Resource, load_documents
 from meshlet.control.translate import ProxyNode, ResourceSet, StaticIdentity, WorkloadCertificate, node_id
 from meshlet.xds.assembly import ConfigAssembler, Received
-from meshlet.xds.snapshot import LISTENER, resource_name
+from meshlet.xds.snapshot import LISTENER, Snapshot, resource_name
+from meshlet.xds.validate import check_snapshot
 
 TRUST_DOMAIN = "cluster.local"
 
@@ -339,6 +340,8 @@ def compile_like_a_proxy(messages: Mapping[str, list[Message]]) -> ProxyConfig:
         resources[type_url] = parsed
     config = ConfigAssembler(ProxyConfig()).build(resources)
     assert set(config.listeners) == set(resources.get(LISTENER, {}))
+    # Nothing refers to a route, endpoint or secret the snapshot lacks.
+    check_snapshot(Snapshot.build(messages))
     return config
 
 

@@ -45,7 +45,7 @@ DEFAULT_DEBOUNCE = 0.05
 DEFAULT_MAX_DELAY = 0.5
 RETRY_BASE = 0.2
 RETRY_CAP = 5.0
-# How often the node watcher looks again even without a status change.
+# How often the node watcher looks again even without a connect notice.
 NODE_POLL = 1.0
 STOP_TIMEOUT = 5.0
 
@@ -86,6 +86,7 @@ class ConfigPusher:
         # Node id -> the ResourceSet its snapshot was built from.
         self._built_from: dict[str, ResourceSet] = {}
         self._dirty = asyncio.Event()
+        self._connected = asyncio.Event()
         self._first_dirty_at: float | None = None
         self._synced = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -96,6 +97,7 @@ class ConfigPusher:
 
     async def start(self) -> None:
         """List the store and start following it (returns once the first list is in)."""
+        self.cache.add_connect_listener(self._on_connect)
         await self._list()
         await self._rebuild()
         self._tasks = [
@@ -208,15 +210,20 @@ class ConfigPusher:
 
     # -- proxies ----------------------------------------------------------------------------------- #
 
+    def _on_connect(self, _node: object, status: NodeStatus) -> None:
+        # A reconnecting proxy may have missed nothing, but its snapshot may
+        # have been built for an older resource set: build it again.
+        self._built_from.pop(status.node_id, None)
+        self._connected.set()
+
     async def _new_nodes(self) -> None:
         while True:
-            await self.cache.wait_for(self._has_unbuilt_node, NODE_POLL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), NODE_POLL)
+            self._connected.clear()
             pending = [s for s in self.cache.status() if s.connected and self._unbuilt(s)]
             if pending:
                 await self._translate(pending, self.resources)
-
-    def _has_unbuilt_node(self) -> bool:
-        return any(s.connected and self._unbuilt(s) for s in self.cache.status())
 
     def _unbuilt(self, status: NodeStatus) -> bool:
         return self._built_from.get(status.node_id) is not self.resources
