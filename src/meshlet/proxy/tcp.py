@@ -23,6 +23,7 @@ from meshlet.proxy.observe.access_log import AccessLog, ResponseFlag, StreamInfo
 from meshlet.proxy.observe.stats import Counter, Gauge
 from meshlet.proxy.runtime import ProxyRuntime
 from meshlet.proxy.transport import ConnectionInfo, SecurityInfo
+from meshlet.proxy.upstream.circuit_breaker import ResourceManager
 from meshlet.proxy.upstream.cluster import ClusterRuntime, Host
 from meshlet.proxy.upstream.pool import UpstreamConnectError
 
@@ -102,6 +103,8 @@ class TcpProxySession(asyncio.Protocol):
         self._last_activity = time.monotonic()
         self._cluster: ClusterRuntime | None = None
         self._host: Host | None = None
+        # The cluster's max_connections circuit breaker, held for the session.
+        self._breaker: ResourceManager | None = None
 
     # -- downstream protocol callbacks ------------------------------------ #
 
@@ -136,6 +139,12 @@ class TcpProxySession(asyncio.Protocol):
             self._close()
             return
         self._cluster = cluster
+        breaker = cluster.resources()
+        if not breaker.try_acquire_connection():
+            self._info.flags |= ResponseFlag.UO
+            self._close()
+            return
+        self._breaker = breaker
         attempts = max(self._proxy.config.max_connect_attempts, 1)
         for attempt in range(attempts):
             host = cluster.choose_host()
@@ -287,6 +296,9 @@ class TcpProxySession(asyncio.Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        if self._breaker is not None:
+            self._breaker.release_connection()
+            self._breaker = None
         task = self._connect_task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()

@@ -112,3 +112,45 @@ async def test_every_host_gets_a_connection_past_the_limit() -> None:
             assert [r.status_code for r in answers] == [200] * 6
             assert bs[0].hits == bs[1].hits == 3
             assert (stat(proxy, "cluster.svc.upstream_cx_overflow") or 0) >= 1
+
+
+TCP_PROXY_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+
+
+async def test_tcp_proxy_max_connections() -> None:
+    async with backends(1) as bs:
+        config = f"""
+static_resources:
+  listeners:
+  - name: tcp
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config: {{ "@type": {TCP_PROXY_TYPE}, stat_prefix: tcp, cluster: svc }}
+  clusters:
+  - name: svc
+    connect_timeout: 1s
+{limited_cluster(bs, "[{ max_connections: 1 }]")}
+"""
+        async with running_proxy(config) as proxy:
+            address = proxy.listeners.address("tcp")
+            assert address is not None
+
+            async def exchange() -> bytes:
+                reader, writer = await asyncio.open_connection("127.0.0.1", address[1])
+                try:
+                    writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                    return await asyncio.wait_for(reader.read(200), 5)
+                except ConnectionResetError:
+                    return b""  # closed by the proxy while the request was on its way
+                finally:
+                    writer.close()
+
+            _, first_writer = await asyncio.open_connection("127.0.0.1", address[1])
+            await wait_for(lambda: bs[0].connections == 1)
+            assert await exchange() == b""  # refused: closed without a byte
+            assert stat(proxy, "cluster.svc.upstream_cx_overflow") == 1
+            first_writer.close()
+            await wait_for(lambda: stat(proxy, "cluster.svc.circuit_breakers.default.cx_open") == 0)
+            assert (await exchange()).startswith(b"HTTP/1.1 200")
