@@ -78,7 +78,8 @@ async def test_invalid_apply_writes_nothing_and_names_the_fields(client: httpx.A
     response = await client.post("/apply", content=bad)
     assert response.status_code == 400
     problems = response.json()["problems"]
-    assert "request body#1: DestinationRule default/reviews: spec.bogus: unknown field" in problems
+    assert ("request body#1: DestinationRule default/reviews: spec.bogus: unknown field "
+            "(or one meshlet does not implement)") in problems
     assert ("request body#2: VirtualService default/reviews: spec.http[0].route[0].weight: weight 900 "
             "is out of range 0..100") in problems
     assert (await client.get(VS_PATH)).status_code == 404

@@ -166,7 +166,7 @@ def format_location(loc: tuple[int | str, ...]) -> str:
 def _message(error: Any) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
-        return "unknown field"
+        return "unknown field (or one meshlet does not implement)"
     if kind == "missing":
         return "required field is missing"
     message = str(error["msg"])
