@@ -45,7 +45,9 @@ def direct(path: str, status: int, body: str) -> dict[str, Any]:
     return {"match": {"path": path}, "direct_response": {"status": status, "body": {"inline_string": body}}}
 
 
-def hcm(routes: list[dict[str, Any]], *, stat_prefix: str = "ingress", **extra: Any) -> dict[str, Any]:
+def hcm(routes: list[dict[str, Any]], *, stat_prefix: str = "ingress",
+        http_filters: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
+    """An HTTP connection manager: ``http_filters`` run before the router."""
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
@@ -55,7 +57,8 @@ def hcm(routes: list[dict[str, Any]], *, stat_prefix: str = "ingress", **extra: 
                 "name": "local",
                 "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
             },
-            "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
+            "http_filters": [*(http_filters or []),
+                             {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
             **extra,
         },
     }
