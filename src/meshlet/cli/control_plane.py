@@ -36,25 +36,29 @@ def control_plane() -> None:
 @click.option("--xds-port", type=click.IntRange(0, 65535), default=DEFAULT_XDS_PORT, show_default=True)
 @click.option("--mount", "mounts", multiple=True, metavar="MODULE:FUNCTION",
               help="Attach a service to the control plane (repeatable).")
+@click.option("--no-default-mounts", is_flag=True,
+              help="Serve only the resource API and the --mount services (no xDS unless mounted).")
 @click.option("--log-level", type=click.Choice(LEVEL_NAMES, case_sensitive=False), default=DEFAULT_LEVEL,
               show_default=True)
 def run(store_url: str, api_host: str, api_port: int, xds_host: str, xds_port: int,
-        mounts: tuple[str, ...], log_level: str) -> None:
+        mounts: tuple[str, ...], no_default_mounts: bool, log_level: str) -> None:
     """Serve until SIGINT/SIGTERM. Prints one line with the bound addresses when ready."""
     configure_logging(log_level)
     settings = ControlPlaneSettings(store_url=store_url, api_host=api_host, api_port=api_port,
                                     xds_host=xds_host, xds_port=xds_port)
     try:
-        asyncio.run(_serve(settings, mounts))
+        asyncio.run(_serve(settings, mounts, default_mounts=not no_default_mounts))
     except KeyboardInterrupt:
         pass
 
 
-async def _serve(settings: ControlPlaneSettings, mount_targets: tuple[str, ...]) -> None:
+async def _serve(settings: ControlPlaneSettings, mount_targets: tuple[str, ...], *,
+                 default_mounts: bool) -> None:
     from meshlet.control.server import ControlPlane, available_default_mounts, load_mount
     from meshlet.control.store import StoreError
 
-    mounts = [*available_default_mounts(), *(load_mount(t) for t in mount_targets)]
+    defaults = available_default_mounts() if default_mounts else []
+    mounts = [*defaults, *(load_mount(t) for t in mount_targets)]
     plane = ControlPlane(settings)
     try:
         await plane.open()

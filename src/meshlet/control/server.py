@@ -46,8 +46,9 @@ Mount = Callable[["ControlPlane"], Awaitable[None]]
 StopHook = Callable[[], Awaitable[None]]
 
 # Mounts run by ``meshlet control-plane run`` when their module imports:
-# "package.module:function" of an async ``Mount``.
-DEFAULT_MOUNTS: tuple[str, ...] = ()
+# "package.module:function" of an async ``Mount``. xDS: ADS fed by the
+# config pusher over the store.
+DEFAULT_MOUNTS: tuple[str, ...] = ("meshlet.control.push:mount_xds",)
 
 
 @dataclass(frozen=True, slots=True)
