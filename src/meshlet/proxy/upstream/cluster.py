@@ -358,7 +358,7 @@ class ClusterRuntime:
         self._codec_factory = codec_factory
         self._lb: ClusterLoadBalancer[Host] = ClusterLoadBalancer(config.lb_policy, config.lb, clock=clock)
         self.circuit_breakers = CircuitBreakerSet(config.circuit_breakers, scope)
-        self.outlier: OutlierDetector | None = None
+        self.outlier: OutlierDetector[Host] | None = None
         if config.outlier_detection is not None:
             self.outlier = OutlierDetector(
                 config.outlier_detection, scope, self._ejection_changed, clock=clock

@@ -22,7 +22,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Generic, Protocol, TypeVar, cast
 
 from meshlet.config.model import Cluster, HealthCheckConfig, HealthCheckKind
 from meshlet.proxy.http.h1_client import H1ClientConnection
@@ -35,13 +35,25 @@ _TCP_RECEIVE_LIMIT = 64 * 1024
 _USER_AGENT = "meshlet/hc"
 
 
-class ClusterForChecks(Protocol):
+class CheckedHost(Protocol):
+    """A host as the checker sees it: hashable, with the active-check flag."""
+
+    failed_active_hc: bool
+
+    def __hash__(self) -> int: ...
+
+
+HostT = TypeVar("HostT", bound=CheckedHost)
+HostIn = TypeVar("HostIn", bound=CheckedHost, contravariant=True)
+
+
+class ClusterForChecks(Protocol[HostIn]):
     """What a health checker needs of its cluster."""
 
     config: Cluster
 
     async def open_connection(
-        self, host: Any, app_factory: AppProtocolFactory
+        self, host: HostIn, app_factory: AppProtocolFactory
     ) -> asyncio.BaseProtocol: ...
 
     @property
@@ -95,7 +107,7 @@ class _TcpProbe(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         room = _TCP_RECEIVE_LIMIT - len(self.received)
@@ -123,15 +135,15 @@ def payloads_found(received: bytes, expected: tuple[bytes, ...]) -> bool:
     return True
 
 
-class HealthChecker:
+class HealthChecker(Generic[HostT]):
     """Checks every host of one cluster per one ``HealthCheckConfig``."""
 
     def __init__(
         self,
         config: HealthCheckConfig,
-        cluster: ClusterForChecks,
+        cluster: ClusterForChecks[HostT],
         scope: Scope,
-        on_change: Callable[[Any], None],
+        on_change: Callable[[HostT | None], None],
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -142,15 +154,15 @@ class HealthChecker:
         self._on_change = on_change
         self._clock = clock
         self._rng = rng or random.Random()
-        self._state: dict[Any, HostHealth] = {}
-        self._tasks: dict[Any, asyncio.Task[None]] = {}
+        self._state: dict[HostT, HostHealth] = {}
+        self._tasks: dict[HostT, asyncio.Task[None]] = {}
         self._running = False
 
     @property
     def first_round_done(self) -> bool:
         return all(s.checked for s in self._state.values())
 
-    def set_hosts(self, hosts: list[Any]) -> None:
+    def set_hosts(self, hosts: list[HostT]) -> None:
         wanted = set(hosts)
         for host in [h for h in self._state if h not in wanted]:
             del self._state[host]
@@ -177,10 +189,10 @@ class HealthChecker:
             task.cancel()
         self._tasks.clear()
 
-    def _spawn(self, host: Any) -> None:
+    def _spawn(self, host: HostT) -> None:
         self._tasks[host] = asyncio.get_running_loop().create_task(self._run(host))
 
-    async def _run(self, host: Any) -> None:
+    async def _run(self, host: HostT) -> None:
         cfg = self.config
         if cfg.initial_jitter:
             await asyncio.sleep(self._rng.random() * cfg.initial_jitter)
@@ -189,7 +201,7 @@ class HealthChecker:
             self._record(host, ok)
             await asyncio.sleep(self.next_interval(host))
 
-    def _record(self, host: Any, ok: bool) -> None:
+    def _record(self, host: HostT, ok: bool) -> None:
         state = self._state.get(host)
         if state is None:  # removed while its check ran
             return
@@ -207,7 +219,7 @@ class HealthChecker:
     def _publish(self) -> None:
         self._stats.healthy.set(sum(1 for h in self._state if not h.failed_active_hc))
 
-    def next_interval(self, host: Any) -> float:
+    def next_interval(self, host: HostT) -> float:
         cfg = self.config
         if not self._cluster.has_traffic:
             base = cfg.no_traffic_interval
@@ -223,7 +235,7 @@ class HealthChecker:
 
     # -- one check ---------------------------------------------------------- #
 
-    async def check_once(self, host: Any) -> bool:
+    async def check_once(self, host: HostT) -> bool:
         """One probe of ``host``, bounded by the check's timeout."""
         self._stats.attempt.inc()
         try:
@@ -237,7 +249,7 @@ class HealthChecker:
             self._stats.network_failure.inc()
             return False
 
-    async def _http_check(self, host: Any) -> bool:
+    async def _http_check(self, host: HostT) -> bool:
         cfg, cluster = self.config, self._cluster
         buffer_limit = cluster.config.per_connection_buffer_limit_bytes
         conn = await cluster.open_connection(
@@ -261,7 +273,7 @@ class HealthChecker:
         finally:
             conn.close()
 
-    async def _tcp_check(self, host: Any) -> bool:
+    async def _tcp_check(self, host: HostT) -> bool:
         cfg = self.config
         probe = await self._cluster.open_connection(host, lambda _sec: _TcpProbe())
         assert isinstance(probe, _TcpProbe)

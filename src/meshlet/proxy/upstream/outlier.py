@@ -27,7 +27,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Generic, Protocol, TypeVar
 
 from meshlet.config.model import OutlierDetectionConfig
 from meshlet.proxy.observe.stats import Counter, Scope
@@ -81,17 +81,22 @@ class _Stats:
             self.enforced[kind] = scope.counter(f"{p}ejections_enforced_{kind}")
 
 
-# A host as the detector sees it: anything with an ``outlier`` state.
-HostT = Any
-ChangedFn = Callable[[HostT], None]
+class OutlierHost(Protocol):
+    """A host as the detector sees it: anything carrying an ``OutlierState``."""
+
+    @property
+    def outlier(self) -> OutlierState: ...
 
 
-class OutlierDetector:
+HostT = TypeVar("HostT", bound=OutlierHost)
+
+
+class OutlierDetector(Generic[HostT]):
     def __init__(
         self,
         config: OutlierDetectionConfig,
         scope: Scope,
-        on_change: ChangedFn,
+        on_change: Callable[[HostT], None],
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -127,7 +132,7 @@ class OutlierDetector:
     # -- results ------------------------------------------------------------ #
 
     def record(self, host: HostT, status: int) -> None:
-        state: OutlierState = host.outlier
+        state = host.outlier
         state.interval_requests += 1
         if status < 500:
             state.interval_successes += 1
@@ -169,7 +174,7 @@ class OutlierDetector:
         return 100.0 * (active + 1) / total <= self.config.max_ejection_percent
 
     def _eject(self, host: HostT, kind: str) -> None:
-        state: OutlierState = host.outlier
+        state = host.outlier
         state.ejected = True
         state.ejected_at = self._clock()
         # The multiplier stops growing once it reaches max_ejection_time.
@@ -196,7 +201,7 @@ class OutlierDetector:
         start a new interval."""
         now = self._clock()
         for host in self._hosts:
-            state: OutlierState = host.outlier
+            state = host.outlier
             if state.ejected:
                 if now - state.ejected_at >= self.ejection_time(state):
                     self._uneject(host)
@@ -212,7 +217,7 @@ class OutlierDetector:
         return since is None or now - since >= self.config.base_ejection_time
 
     def _uneject(self, host: HostT) -> None:
-        state: OutlierState = host.outlier
+        state = host.outlier
         state.ejected = False
         state.unejected_at = self._clock()
         state.reset_consecutive()
