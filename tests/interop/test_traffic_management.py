@@ -3,6 +3,7 @@ clusters, fault injection and local rate limiting, through the real proxy proces
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -111,3 +112,26 @@ def test_local_rate_limit(start_meshlet: StartMeshlet, upstream_port: int) -> No
     start_meshlet(bootstrap([listener("http", port, [http])], [cluster("app", upstream_port)], admin))
     statuses = [line.split()[0] for line in curl_many(f"http://127.0.0.1:{port}/", 5)]
     assert statuses == ["200", "200", "200", "429", "429"]
+
+
+def test_active_health_checks_steer_around_a_dead_endpoint(start_meshlet: StartMeshlet,
+                                                           named_upstreams: dict[str, int]) -> None:
+    port, admin = ports(2)
+    dead = free_port()
+    checked: dict[str, Any] = cluster("app", named_upstreams["a"], connect_timeout="0.5s")
+    endpoints = checked["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    endpoints.append({"endpoint": {"address": address(dead)}})
+    checked["health_checks"] = [{"timeout": "0.5s", "interval": "0.1s", "unhealthy_threshold": 1,
+                                 "healthy_threshold": 1, "http_health_check": {"path": "/status/200"}}]
+    meshlet = start_meshlet(bootstrap([listener("http", port, [hcm([route("/")])])], [checked], admin))
+    deadline = time.monotonic() + 10
+    while True:  # both endpoints start failed (as in Envoy) until their first check
+        _, clusters = meshlet.admin("/clusters")
+        flags = {line.split("::")[1]: line.rsplit("::", 1)[1] for line in clusters.splitlines()
+                 if "::health_flags::" in line}
+        if flags.get(f"127.0.0.1:{named_upstreams['a']}") == "healthy":
+            break
+        assert time.monotonic() < deadline, clusters
+        time.sleep(0.1)
+    assert "failed_active_hc" in flags[f"127.0.0.1:{dead}"]
+    assert curl_many(f"http://127.0.0.1:{port}/", 10) == ["200 a"] * 10  # no retries configured
