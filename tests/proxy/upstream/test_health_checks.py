@@ -204,3 +204,38 @@ def test_host_health_transitions_follow_envoy() -> None:
     assert state.observe(False, False, cfg) is None
     assert payloads_found(b"xxPOyyNG", (b"PO", b"NG"))
     assert not payloads_found(b"NGxxPO", (b"PO", b"NG"))
+
+
+def test_next_interval_by_traffic_health_and_jitter() -> None:
+    import random
+
+    from meshlet.config.model import Cluster, DiscoveryType, HealthCheckConfig, HealthCheckKind
+    from meshlet.proxy.observe.stats import StatsStore
+    from meshlet.proxy.upstream.health import HealthChecker
+
+    class FakeCluster:
+        config = Cluster(name="c", discovery=DiscoveryType.STATIC)
+        has_traffic = False
+
+        async def open_connection(self, host: object, app_factory: object) -> object:
+            raise OSError("not used")
+
+    class FakeHost:
+        failed_active_hc = False
+
+    cfg = HealthCheckConfig(
+        HealthCheckKind.TCP, 1.0, 5.0, 1, 1,
+        interval_jitter=0.5, no_traffic_interval=60.0, no_traffic_healthy_interval=30.0,
+        unhealthy_interval=2.0,
+    )
+    cluster = FakeCluster()
+    checker = HealthChecker(cfg, cluster, StatsStore().scope("x."), lambda _h: None, rng=random.Random(4))
+    host = FakeHost()
+    assert 30.0 <= checker.next_interval(host) <= 30.5  # no traffic yet, healthy
+    host.failed_active_hc = True
+    assert 60.0 <= checker.next_interval(host) <= 60.5  # no traffic yet, failed
+    cluster.has_traffic = True
+    assert 2.0 <= checker.next_interval(host) <= 2.5  # failed: unhealthy_interval
+    host.failed_active_hc = False
+    samples = [checker.next_interval(host) for _ in range(50)]
+    assert all(5.0 <= s <= 5.5 for s in samples) and len(set(samples)) > 1  # jittered
