@@ -1,0 +1,145 @@
+"""``meshlet ca``: init (root, plug-in intermediate, key in a key server),
+issue, token, inspect, rotate-root — as a user runs them, checked with openssl."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "identity"))
+
+from ca_helpers import key_server, meshlet, openssl_verify
+
+TD = "example.org"
+CART = "spiffe://example.org/ns/shop/sa/cart"
+
+
+def ok(*args: str) -> str:
+    result = meshlet(*args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def refused(*args: str) -> str:
+    result = meshlet(*args)
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert result.stderr.startswith("meshlet: error: ")
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("key_type", ["p256", "rsa2048"])
+def test_init_issue_inspect(tmp_path: Path, key_type: str) -> None:
+    ca = tmp_path / "ca"
+    ok("ca", "init", "--dir", str(ca), "--trust-domain", TD, "--key-type", key_type)
+    root = x509.load_pem_x509_certificate((ca / "root-cert.pem").read_bytes())
+    assert root.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert (ca / "ca-key.pem").stat().st_mode & 0o077 == 0
+
+    ok("ca", "issue", "--dir", str(ca), "--spiffe-id", CART, "--out-cert", str(tmp_path / "cart.pem"),
+       "--out-key", str(tmp_path / "cart.key"), "--ttl", "2h")
+    assert (tmp_path / "cart.key").stat().st_mode & 0o077 == 0
+    verified = openssl_verify(ca / "root-cert.pem", tmp_path / "cart.pem")
+    assert verified.returncode == 0, verified.stderr
+
+    shown = ok("ca", "inspect", str(tmp_path / "cart.pem"))
+    assert f"SPIFFE ID: {CART}" in shown
+    assert "(2.0 h left)" in shown or "(1.9 h left)" in shown
+    assert f"issuer: {root.subject.rfc4514_string()}" in shown
+
+
+def test_intermediate_under_a_root_the_user_brings(tmp_path: Path) -> None:
+    # The user's root, made with openssl, not with meshlet.
+    root_key, root_cert = tmp_path / "root.key", tmp_path / "root.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-keyout", str(root_key), "-out", str(root_cert), "-days", "30",
+                    "-subj", "/O=Example/CN=Example Root", "-addext", "basicConstraints=critical,CA:TRUE",
+                    "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+                   check=True, capture_output=True, timeout=20)
+    ca = tmp_path / "ca"
+    ok("ca", "init", "--dir", str(ca), "--trust-domain", TD, "--parent-cert", str(root_cert),
+       "--parent-key", str(root_key))
+    assert (ca / "root-cert.pem").read_bytes().strip() == root_cert.read_bytes().strip()
+    ok("ca", "issue", "--dir", str(ca), "--spiffe-id", CART, "--out-cert", str(tmp_path / "chain.pem"),
+       "--out-key", str(tmp_path / "cart.key"))
+    chain = x509.load_pem_x509_certificates((tmp_path / "chain.pem").read_bytes())
+    assert len(chain) == 2  # leaf and intermediate, the root stays out
+    (tmp_path / "leaf.pem").write_bytes(chain[0].public_bytes(Encoding.PEM))
+    verified = openssl_verify(root_cert, tmp_path / "leaf.pem", untrusted=ca / "cert-chain.pem")
+    assert verified.returncode == 0, verified.stderr
+    shown = ok("ca", "inspect", str(tmp_path / "chain.pem"))
+    assert "CA: CN=meshlet intermediate CA" in shown
+    assert "issuer: CN=Example Root,O=Example" in shown
+    assert "rotate that root where it is kept" in refused("ca", "rotate-root", "--dir", str(ca))
+
+
+def test_ca_key_generated_in_a_key_server(tmp_path: Path) -> None:
+    with key_server(tmp_path) as socket_path:
+        ca = tmp_path / "ca"
+        ok("ca", "init", "--dir", str(ca), "--trust-domain", TD, "--key-provider", "keyserver",
+           "--keyserver-socket", str(socket_path))
+        assert not (ca / "ca-key.pem").exists()
+        settings = json.loads((ca / "ca.json").read_text())
+        assert settings["key_provider"]["name"] == "meshlet.keyserver"
+        ok("ca", "issue", "--dir", str(ca), "--spiffe-id", CART, "--out-cert", str(tmp_path / "cart.pem"),
+           "--out-key", str(tmp_path / "cart.key"))
+        verified = openssl_verify(ca / "root-cert.pem", tmp_path / "cart.pem")
+        assert verified.returncode == 0, verified.stderr
+        # Rotating the root makes the new key in the same key server.
+        ok("ca", "rotate-root", "--dir", str(ca))
+        handle = json.loads((ca / "ca.json").read_text())["key_provider"]["settings"]["handle"]
+        assert handle != settings["key_provider"]["settings"]["handle"]
+    assert "cannot" in refused("ca", "issue", "--dir", str(ca), "--spiffe-id", CART,
+                               "--out-cert", str(tmp_path / "x.pem"), "--out-key", str(tmp_path / "x.key"))
+
+
+def test_rotate_root(tmp_path: Path) -> None:
+    ca = tmp_path / "ca"
+    ok("ca", "init", "--dir", str(ca), "--trust-domain", TD)
+    old_root = (ca / "root-cert.pem").read_bytes()
+    ok("ca", "issue", "--dir", str(ca), "--spiffe-id", CART, "--out-cert", str(tmp_path / "old.pem"),
+       "--out-key", str(tmp_path / "old.key"))
+    assert "the bundle holds 2 roots" in ok("ca", "rotate-root", "--dir", str(ca))
+    assert (ca / "root-cert.pem").read_bytes() != old_root
+    ok("ca", "issue", "--dir", str(ca), "--spiffe-id", CART, "--out-cert", str(tmp_path / "new.pem"),
+       "--out-key", str(tmp_path / "new.key"))
+    for svid in ("old.pem", "new.pem"):  # both verify against the overlapping bundle
+        assert openssl_verify(ca / "bundle.pem", tmp_path / svid).returncode == 0
+    assert "dropped 1 old root" in ok("ca", "rotate-root", "--dir", str(ca), "--finish")
+    assert openssl_verify(ca / "bundle.pem", tmp_path / "new.pem").returncode == 0
+    assert openssl_verify(ca / "bundle.pem", tmp_path / "old.pem").returncode != 0
+
+
+def test_token_is_printed_once_and_bound(tmp_path: Path) -> None:
+    ca = tmp_path / "ca"
+    ok("ca", "init", "--dir", str(ca), "--trust-domain", TD)
+    secret = ok("ca", "token", "--dir", str(ca), "--spiffe-id", CART, "--ttl", "10m").strip()
+    assert secret.startswith("mlt1.") and len(secret) > 40
+    assert secret.encode() not in (ca / "tokens.db").read_bytes()
+    assert "not in this CA's trust domain" in refused(
+        "ca", "token", "--dir", str(ca), "--spiffe-id", "spiffe://other.org/ns/a/sa/b")
+
+
+def test_mistakes_are_one_clear_line(tmp_path: Path) -> None:
+    ca = tmp_path / "ca"
+    bad_domain = refused("ca", "init", "--dir", str(ca), "--trust-domain", "Bad.ORG")
+    assert "trust domain may only contain" in bad_domain
+    ok("ca", "init", "--dir", str(ca), "--trust-domain", TD)
+    assert "already holds a CA" in refused("ca", "init", "--dir", str(ca), "--trust-domain", TD)
+    assert "a SPIFFE ID starts with 'spiffe://'" in refused(
+        "ca", "issue", "--dir", str(ca), "--spiffe-id", "cart", "--out-cert", "x", "--out-key", "y")
+    assert "not in trust domain" in refused(
+        "ca", "issue", "--dir", str(ca), "--spiffe-id", "spiffe://other.org/ns/a/sa/b",
+        "--out-cert", str(tmp_path / "x"), "--out-key", str(tmp_path / "y"))
+    assert "not a duration" in refused(
+        "ca", "issue", "--dir", str(ca), "--spiffe-id", CART, "--out-cert", "x", "--out-key", "y",
+        "--ttl", "soon")
+    assert "is not a CA directory" in refused("ca", "rotate-root", "--dir", str(tmp_path / "nothing"))
+    assert "--keyserver-socket" in refused("ca", "init", "--dir", str(tmp_path / "ks"), "--trust-domain", TD,
+                                           "--key-provider", "keyserver")
