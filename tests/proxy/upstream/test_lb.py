@@ -6,7 +6,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from meshlet.proxy.upstream.lb import LeastRequest, RandomLb, RoundRobin, eligible_hosts
+from meshlet.config.model import LbPolicy
+from meshlet.proxy.upstream.lb import ClusterLoadBalancer, LeastRequest, RandomLb, RoundRobin
 
 
 @dataclass(eq=False)
@@ -15,6 +16,18 @@ class FakeHost:
     weight: int = 1
     healthy: bool = True
     active_requests: int = 0
+
+
+@dataclass(eq=False)
+class PlacedHost(FakeHost):
+    priority: int = 0
+    locality: str = ""
+    locality_weight: int | None = None
+    slow_start_since: float | None = None
+
+    @property
+    def address_key(self) -> str:
+        return self.name
 
 
 def test_smooth_weighted_round_robin_sequence() -> None:
@@ -41,11 +54,14 @@ def test_weighted_distribution_over_many_picks() -> None:
 
 
 def test_unhealthy_hosts_skipped_until_panic() -> None:
-    hosts = [FakeHost("a"), FakeHost("b", healthy=False), FakeHost("c")]
-    assert [h.name for h in eligible_hosts(hosts)] == ["a", "c"]
+    hosts = [PlacedHost("a"), PlacedHost("b", healthy=False), PlacedHost("c")]
+    lb: ClusterLoadBalancer[PlacedHost] = ClusterLoadBalancer(LbPolicy.ROUND_ROBIN)
+    lb.set_hosts(hosts)
+    assert {h.name for h in (lb.choose() for _ in range(6)) if h} == {"a", "c"}
     # Fewer than half healthy: panic mode spreads over every host.
-    mostly_down = [FakeHost("a"), FakeHost("b", healthy=False), FakeHost("c", healthy=False)]
-    assert len(eligible_hosts(mostly_down)) == 3
+    mostly_down = [PlacedHost("a"), PlacedHost("b", healthy=False), PlacedHost("c", healthy=False)]
+    lb.set_hosts(mostly_down)
+    assert {h.name for h in (lb.choose() for _ in range(6)) if h} == {"a", "b", "c"}
 
 
 def test_empty_cluster_has_no_host() -> None:

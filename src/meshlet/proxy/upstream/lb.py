@@ -29,7 +29,6 @@ from meshlet.config.model import LbPolicy, LbSettings, SlowStartConfig
 from meshlet.errors import UnsupportedConfig
 from meshlet.proxy.upstream.hashing import Maglev, RingHash
 
-PANIC_THRESHOLD = 0.5
 _DEFAULT_SETTINGS = LbSettings()
 # Envoy's default overprovisioning factor: a priority at 72 % health still
 # takes all of its load (72 * 1.4 > 100).
@@ -88,15 +87,6 @@ class LbContext:
 
 def static_weight(host: HostLike) -> float:
     return float(max(host.weight, 1))
-
-
-def eligible_hosts(hosts: Sequence[H], panic_threshold: float = PANIC_THRESHOLD) -> list[H]:
-    """The healthy hosts, or all of them in panic mode (fewer than
-    ``panic_threshold`` of them healthy; 0 disables panic)."""
-    healthy = [h for h in hosts if h.healthy]
-    if len(healthy) < panic_threshold * len(hosts):
-        return list(hosts)
-    return healthy
 
 
 class LoadBalancer(ABC, Generic[H]):
@@ -242,9 +232,6 @@ class LeastRequest(LoadBalancer[H]):
 # The cluster-level balancer: priorities, panic, localities, slow start
 # --------------------------------------------------------------------------- #
 
-LeafFactory = Callable[[WeightOf[C], bool], LoadBalancer[C]]
-
-
 def slow_start_factor(cfg: SlowStartConfig, age: float) -> float:
     """Envoy's time factor: ``(age / window) ** (1 / aggression)``, at least
     ``min_weight_percent``; 1 once the window has passed."""
@@ -281,7 +268,7 @@ def priority_loads(healths: Sequence[float]) -> list[float]:
     return loads
 
 
-class _LocalityPicker(Generic[C]):
+class _LocalityPicker:
     """Chooses a locality by effective weight (locality weight times its
     overprovisioned health), smooth weighted so the spread is exact."""
 
@@ -320,7 +307,7 @@ class _PriorityLevel(Generic[C]):
         self.hosts = hosts
         self.panic = panic
         eligible = hosts if panic else [h for h in hosts if h.healthy]
-        self._picker: _LocalityPicker[C] | None = None
+        self._picker: _LocalityPicker | None = None
         self._leaves: list[LoadBalancer[C]] = []
         if by_locality:
             self._split_by_locality(eligible, make_leaf)
@@ -347,7 +334,7 @@ class _PriorityLevel(Generic[C]):
             names.append(name)
             weights.append(weight * share)
             leaves.append(leaf)
-        picker: _LocalityPicker[C] = _LocalityPicker(names, weights)
+        picker = _LocalityPicker(names, weights)
         if not picker.empty:
             self._picker, self._leaves = picker, leaves
 
@@ -489,10 +476,6 @@ def _address_key(host: ClusterHost) -> str:
 
 
 _SUPPORTED = frozenset(LbPolicy)
-
-
-def supports(policy: LbPolicy) -> bool:
-    return policy in _SUPPORTED
 
 
 def check_policy(policy: LbPolicy, path: str = "lb_policy") -> None:
