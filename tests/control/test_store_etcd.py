@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
@@ -106,11 +107,11 @@ class Replica:
         assert self.process.stdout is not None
         readable, _, _ = select.select([self.process.stdout], [], [], 20.0)
         line = self.process.stdout.readline() if readable else ""
-        match = re.search(r"api=(\S+)", line)
+        match = re.search(r"api=(\S+) xds=(\S+)", line)
         if match is None:
             self.kill()
             raise RuntimeError(f"replica did not start: {line!r}")
-        self.url = match.group(1)
+        self.url, self.xds = match.group(1), match.group(2)
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -164,3 +165,95 @@ async def test_an_idle_watch_keeps_reopening_without_giving_up(store: EtcdStore,
     event = await asyncio.wait_for(pending, 10)
     assert event.revision == int(stored.metadata.resource_version or 0)
     await watch.aclose()
+
+
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+MESH = """
+apiVersion: meshlet.dev/v1
+kind: Service
+metadata: {name: reviews}
+spec: {ports: [{name: http, number: 9080}]}
+---
+apiVersion: meshlet.dev/v1
+kind: Workload
+metadata: {name: reviews-v1}
+spec: {address: 127.0.0.1, ports: {http: 19080}, labels: {app: reviews, version: v1}}
+"""
+
+
+def service(name: str) -> str:
+    return (f"apiVersion: meshlet.dev/v1\nkind: Service\nmetadata: {{name: {name}}}\n"
+            "spec: {ports: [{name: http, number: 9080}]}\n")
+
+
+class AdsProxy:
+    """A proxy's side of ADS, reduced to what the test needs: CDS, ACKed."""
+
+    def __init__(self, target: str) -> None:
+        from envoy.service.discovery.v3 import ads_pb2_grpc
+
+        self.channel = grpc.aio.insecure_channel(target)
+        self.requests: asyncio.Queue[object] = asyncio.Queue()
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
+        self.stream = stub.StreamAggregatedResources(self._outgoing())
+        self.send("", "")
+
+    def send(self, version: str, nonce: str) -> None:
+        from envoy.service.discovery.v3 import discovery_pb2
+
+        request = discovery_pb2.DiscoveryRequest(type_url=CLUSTER_TYPE, version_info=version,
+                                                 response_nonce=nonce)
+        request.node.id = "sidecar~127.0.0.1~reviews-v1.default~default.svc.cluster.local"
+        self.requests.put_nowait(request)
+
+    async def _outgoing(self) -> AsyncIterator[object]:
+        while True:
+            yield await self.requests.get()
+
+    async def clusters_until(self, host: str, timeout: float = 10.0) -> list[str]:
+        """Read (and ACK) CDS responses until a cluster for ``host`` shows up."""
+        from envoy.config.cluster.v3 import cluster_pb2
+
+        async def read() -> list[str]:
+            while True:
+                response = await self.stream.read()
+                assert response is not grpc.aio.EOF
+                names = []
+                for item in response.resources:
+                    cluster = cluster_pb2.Cluster()
+                    item.Unpack(cluster)
+                    names.append(cluster.name)
+                self.send(response.version_info, response.nonce)
+                if any(host in name for name in names):
+                    return names
+
+        return await asyncio.wait_for(read(), timeout)
+
+    async def close(self) -> None:
+        self.stream.cancel()
+        await self.channel.close()
+
+
+async def test_proxies_keep_getting_updates_through_a_lost_member_and_replica(cluster: EtcdCluster) -> None:
+    replicas = [Replica(cluster.endpoints), Replica(list(reversed(cluster.endpoints)))]
+    proxy: AdsProxy | None = None
+    try:
+        async with httpx.AsyncClient(timeout=15.0) as http:
+            assert (await http.post(replicas[0].url + "/apply", content=MESH)).status_code == 200
+            proxy = AdsProxy(replicas[1].xds)
+            await proxy.clusters_until("reviews.default.svc.cluster.local")
+
+            # Written through replica 0, pushed by replica 1 (which saw it in etcd).
+            await http.post(replicas[0].url + "/apply", content=service("ratings"))
+            await proxy.clusters_until("ratings.default.svc.cluster.local")
+
+            cluster.kill(cluster.members[0])
+            replicas[0].kill()
+            await http.post(replicas[1].url + "/apply", content=service("details"))
+            names = await proxy.clusters_until("details.default.svc.cluster.local")
+            assert any("ratings.default.svc.cluster.local" in name for name in names)
+    finally:
+        if proxy is not None:
+            await proxy.close()
+        for replica in replicas:
+            replica.kill()
