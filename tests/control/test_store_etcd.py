@@ -257,3 +257,13 @@ async def test_proxies_keep_getting_updates_through_a_lost_member_and_replica(cl
             await proxy.close()
         for replica in replicas:
             replica.kill()
+
+
+async def test_closing_the_store_ends_its_watches(cluster: EtcdCluster) -> None:
+    store = await EtcdStore.open(cluster.endpoints)
+    watch = store.watch(None, start_revision=await store.revision())
+    pending = asyncio.ensure_future(anext(watch))
+    await asyncio.sleep(0.3)
+    await store.close()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(pending, 5)

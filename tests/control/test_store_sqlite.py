@@ -161,3 +161,13 @@ async def test_concurrent_writer_processes_get_distinct_ordered_revisions(tmp_pa
         await watch.aclose()
     finally:
         await store.close()
+
+
+async def test_closing_the_store_ends_its_watches(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "w.db", poll_interval=0.05)
+    watch = store.watch(None, start_revision=await store.revision())
+    pending = asyncio.ensure_future(anext(watch))
+    await asyncio.sleep(0.2)
+    await store.close()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(pending, 5)

@@ -95,6 +95,7 @@ class EtcdClient:
         self.retry_for = retry_for
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self._current = 0
+        self.closed = False
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT))
 
     @property
@@ -102,6 +103,7 @@ class EtcdClient:
         return self.endpoints[self._current]
 
     async def close(self) -> None:
+        self.closed = True
         await self._http.aclose()
 
     # -- calls ---------------------------------------------------------------- #
@@ -169,14 +171,16 @@ class EtcdClient:
         ``retry_for`` seconds."""
         next_revision = start_revision
         failing_since: float | None = None
-        while True:
+        while not self.closed:
             endpoint = self.endpoint
             stream = _WatchStream(self._http, endpoint, key, range_end, next_revision)
             try:
                 async for event in stream:
                     next_revision = event.kv.mod_revision + 1
                     yield event
-            except (httpx.HTTPError, json.JSONDecodeError, _StreamEnded) as exc:
+            except (httpx.HTTPError, json.JSONDecodeError, _StreamEnded, RuntimeError) as exc:
+                if self.closed:
+                    return  # the client was closed under the watch: the watch ends
                 log.info("etcd watch on %s ended (%s); reopening", endpoint, type(exc).__name__)
                 self._next_endpoint()
                 if stream.opened:
