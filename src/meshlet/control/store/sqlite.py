@@ -122,7 +122,12 @@ class SqliteStore:
         last = start_revision if start_revision is not None else await self.revision()
         while not self._closed:
             changed = self._changed
-            rows, compacted = await self._run(self._events_after, last)
+            try:
+                rows, compacted = await self._run(self._events_after, last)
+            except StoreError:
+                if self._closed:
+                    return  # closed under the watch: the watch ends
+                raise
             if last < compacted:
                 raise Compacted(f"revision {last} is compacted (oldest kept: {compacted})")
             for revision, event_type, kind, body in rows:
