@@ -8,7 +8,17 @@ import socket
 import time
 
 import httpx
-from request_traffic_harness import App, Reply, Seen, bootstrap, cluster, get_many, port_of, running_proxy, stat
+from request_traffic_harness import (
+    App,
+    Reply,
+    Seen,
+    bootstrap,
+    cluster,
+    get_many,
+    port_of,
+    running_proxy,
+    stat,
+)
 
 from meshlet.proxy.filters.mirror import shadow_authority
 
