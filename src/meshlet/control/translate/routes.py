@@ -17,7 +17,6 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
-from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 
@@ -319,8 +318,9 @@ def _retry_policy(retries: HTTPRetry | None, status: TranslationStatus, where: s
     policy.retriable_status_codes.extend(codes)
     if retries is not None and retries.per_try_timeout is not None:
         policy.per_try_timeout.CopyFrom(duration(parse_duration(retries.per_try_timeout)))
-    predicate = policy.retry_host_predicate.add(name=PREVIOUS_HOSTS)
-    predicate.typed_config.Pack(previous_hosts_pb2.PreviousHostsPredicate())
+    # By name: Envoy finds the extension by name when typed_config is unset, and
+    # PreviousHostsPredicate has no settings to carry.
+    policy.retry_host_predicate.add(name=PREVIOUS_HOSTS)
     policy.host_selection_retry_max_attempts = HOST_SELECTION_ATTEMPTS
     return policy
 
