@@ -143,3 +143,21 @@ def test_mistakes_are_one_clear_line(tmp_path: Path) -> None:
     assert "is not a CA directory" in refused("ca", "rotate-root", "--dir", str(tmp_path / "nothing"))
     assert "--keyserver-socket" in refused("ca", "init", "--dir", str(tmp_path / "ks"), "--trust-domain", TD,
                                            "--key-provider", "keyserver")
+
+
+def test_federate_with_another_trust_domain(tmp_path: Path) -> None:
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ok("ca", "init", "--dir", str(ours), "--trust-domain", TD)
+    ok("ca", "init", "--dir", str(theirs), "--trust-domain", "partner.org")
+    assert "federated with partner.org (1 root(s))" in ok(
+        "ca", "federate", "--dir", str(ours), "--trust-domain", "partner.org",
+        "--bundle", str(theirs / "bundle.pem"))
+    stored = (ours / "federation" / "partner.org.pem").read_bytes()
+    assert stored == (theirs / "bundle.pem").read_bytes()
+    assert "own trust domain" in refused("ca", "federate", "--dir", str(ours), "--trust-domain", TD,
+                                         "--bundle", str(theirs / "bundle.pem"))
+    assert "not a JWK Set" in refused("ca", "federate", "--dir", str(ours), "--trust-domain", "x.org",
+                                      "--bundle", str(ours / "ca.json"))
+    assert "no longer federated" in ok("ca", "federate", "--dir", str(ours), "--trust-domain", "partner.org",
+                                       "--remove")
+    assert not (ours / "federation" / "partner.org.pem").exists()

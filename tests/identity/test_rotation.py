@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import socket
 import ssl
@@ -20,10 +21,13 @@ from pathlib import Path
 import pytest
 from ca_helpers import MESHLET, ChildProcess, ca_service, init_ca, key_server, meshlet
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshlet.config.model import CertificateValidation, TlsCertificate, TlsContext
 from meshlet.errors import UnsupportedConfig
+from meshlet.identity.bundle import TrustBundle
+from meshlet.identity.ca import CertificateAuthority
 from meshlet.identity.cadir import TOKENS_DB, CaDirectory
 from meshlet.identity.rotation import IdentityAgent, IdentityError, LocalKeySource, RotationPolicy
 from meshlet.identity.service import (
@@ -40,6 +44,7 @@ from meshlet.proxy.listeners.tls_openssl import OpenSslTransportSocketFactory
 from meshlet.proxy.observe.stats import StatsStore
 from meshlet.tls.aio import MeshletTlsSocketFactory
 from meshlet.tls.keys_local import LocalKey
+from meshlet.tls.verify import PeerVerificationError
 
 TD = "example.org"
 SERVER = SpiffeId.for_workload(TD, "shop", "cart")
@@ -55,7 +60,8 @@ class InProcessCa:
 
     def __init__(self, ca_dir: Path) -> None:
         directory = CaDirectory(ca_dir)
-        self.service = CaService(directory.authority, BootstrapTokens(SqliteTokenStore(ca_dir / TOKENS_DB)))
+        tokens = BootstrapTokens(SqliteTokenStore(ca_dir / TOKENS_DB))
+        self.service = CaService(directory.authority, tokens, federation=directory.federated_bundles)
         self.bundle = b""
 
     async def create_certificate(self, request: CertificateRequest, *, token: str | None = None
@@ -428,3 +434,46 @@ def wait_for(condition: object, proxy: Sidecar, timeout: float = 10.0) -> None:
         assert time.monotonic() < deadline, proxy.child.log()
         time.sleep(0.05)
 
+
+
+async def test_federated_bundles_reach_the_tls_contexts(ca_dir: Path, tmp_path: Path) -> None:
+    partner_dir = tmp_path / "partner"
+    init_ca(partner_dir, trust_domain="partner.org")
+    result = meshlet("ca", "federate", "--dir", str(ca_dir), "--trust-domain", "partner.org",
+                     "--bundle", str(partner_dir / "bundle.pem"))
+    assert result.returncode == 0, result.stderr
+    factory = placeholder_factory(ca_dir)
+    agent = IdentityAgent(SERVER, LocalKeySource(), InProcessCa(ca_dir), token=token_for(ca_dir, SERVER),
+                          policy=RotationPolicy(ttl_seconds=600), targets=lambda _: [factory])
+    issued = await agent.bootstrap()
+    assert issued.federated.trust_domains == ("partner.org",)
+
+    verifier = factory.config.verifier
+    assert verifier is not None
+    now = datetime.datetime.now(datetime.UTC)
+    partner_ca = CaDirectory(partner_dir).authority()
+    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    # A partner workload's SVID verifies against the partner's bundle...
+    partner_svid = await partner_ca.issue(SpiffeId.for_workload("partner.org", "pay", "api"), public)
+    assert str(verifier(partner_svid.chain_der(), now).spiffe_id) == "spiffe://partner.org/ns/pay/sa/api"
+    # ...and each root vouches for its own trust domain only.
+    local_ca = CaDirectory(ca_dir).authority()
+    ours_as_partner = CertificateAuthority("partner.org", local_ca.certificate, local_ca.key,
+                                           TrustBundle.of("partner.org", [local_ca.certificate]))
+    fake_partner = await ours_as_partner.issue(SpiffeId.for_workload("partner.org", "pay", "api"), public)
+    with pytest.raises(PeerVerificationError, match=r"trust bundle of 'partner\.org'"):
+        verifier(fake_partner.chain_der(), now)
+    partner_as_ours = CertificateAuthority(TD, partner_ca.certificate, partner_ca.key,
+                                           TrustBundle.of(TD, [partner_ca.certificate]))
+    fake_local = await partner_as_ours.issue(CLIENT, public)
+    with pytest.raises(PeerVerificationError):
+        verifier(fake_local.chain_der(), now)
+    genuine = await local_ca.issue(CLIENT, public)
+    assert verifier(genuine.chain_der(), now).spiffe_id == CLIENT
+
+    result = meshlet("ca", "federate", "--dir", str(ca_dir), "--trust-domain", "partner.org", "--remove")
+    assert result.returncode == 0, result.stderr
+    await agent.renew()
+    with pytest.raises(PeerVerificationError, match="does not chain to the trusted CA roots"):
+        factory.config.verifier(partner_svid.chain_der(), now)  # type: ignore[misc]
+    await agent.stop()

@@ -4,7 +4,8 @@
 intermediate under a root you bring); ``issue`` writes an SVID and its key
 for tests and workloads outside the mesh; ``token`` issues a bootstrap token;
 ``inspect`` shows a certificate chain; ``rotate-root`` starts (and with
-``--finish`` ends) a root rotation; ``serve`` runs the CA's gRPC service.
+``--finish`` ends) a root rotation; ``federate`` adds (or removes) another
+trust domain's bundle; ``serve`` runs the CA's gRPC service.
 """
 
 from __future__ import annotations
@@ -246,6 +247,35 @@ def rotate_root(directory: Path, finish: bool, key_provider_config: Path | None)
         raise CliError(str(exc)) from None
     roots = len(ca_dir.certificates("bundle.pem"))
     click.echo(f"new root {root.subject.rfc4514_string()} signs from now on; the bundle holds {roots} roots")
+
+
+@ca.command()
+@dir_option
+@click.option("--trust-domain", required=True, help="The federated trust domain.")
+@click.option("--bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Its roots: PEM, or a SPIFFE bundle (JWK Set) as federation endpoints serve it.")
+@click.option("--remove", is_flag=True, help="Stop federating with --trust-domain.")
+def federate(directory: Path, trust_domain: str, bundle: Path | None, remove: bool) -> None:
+    """Trust another trust domain: its bundle goes to workloads with their SVIDs."""
+    from meshlet.identity.bundle import TrustBundle
+    from meshlet.identity.cadir import CaDirectory
+
+    if remove == (bundle is not None):
+        raise CliError("give either --bundle FILE or --remove")
+    try:
+        loaded = None
+        if bundle is not None:
+            data = bundle.read_bytes()
+            is_json = data.lstrip().startswith(b"{")
+            loaded = (TrustBundle.from_spiffe_json(trust_domain, data) if is_json
+                      else TrustBundle.from_pem(trust_domain, data))
+        CaDirectory(directory).set_federated_bundle(loaded, trust_domain)
+    except _identity_errors() as exc:
+        raise CliError(str(exc)) from None
+    if loaded is None:
+        click.echo(f"no longer federated with {trust_domain}")
+    else:
+        click.echo(f"federated with {loaded.trust_domain} ({len(loaded.roots)} root(s))")
 
 
 @ca.command()

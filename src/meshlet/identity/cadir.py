@@ -7,7 +7,9 @@
 - ``cert-chain.pem``: ``ca-cert.pem`` and any certificates above it, roots excluded;
 - ``ca-key.pem``: the signing key, only when it is kept in process (0600);
 - ``ca.json``: trust domain, the key provider holding the signing key, lifetimes;
-- ``tokens.db``: bootstrap tokens (hashes only).
+- ``tokens.db``: bootstrap tokens (hashes only);
+- ``federation/<trust domain>.pem``: the roots of each federated trust domain,
+  handed to workloads with their SVIDs so they can verify peers of those domains.
 
 ``ca.json`` is written last and atomically, so a reader (the CA service)
 that sees it change sees a complete, consistent directory.
@@ -57,6 +59,7 @@ CA_CERT = "ca-cert.pem"
 CERT_CHAIN = "cert-chain.pem"
 CA_KEY = "ca-key.pem"
 TOKENS_DB = "tokens.db"
+FEDERATION_DIR = "federation"
 
 KEY_TYPES = ("p256", "p384", "rsa2048")
 LOCAL_PROVIDER = "meshlet.local"
@@ -249,6 +252,37 @@ class CaDirectory:
     def bundle(self) -> TrustBundle:
         return TrustBundle.of(self.settings().trust_domain, self.certificates(BUNDLE))
 
+    def federated_bundles(self) -> list[TrustBundle]:
+        """The bundles of federated trust domains, one per file under ``federation/``."""
+        folder = self.file(FEDERATION_DIR)
+        if not folder.is_dir():
+            return []
+        bundles = []
+        for path in sorted(folder.glob("*.pem")):
+            try:
+                bundles.append(TrustBundle.from_pem(path.stem, path.read_bytes()))
+            except MeshletError as exc:
+                raise CaDirectoryError(f"{path}: {exc}") from None
+        return bundles
+
+    def set_federated_bundle(self, bundle: TrustBundle | None, trust_domain: str) -> None:
+        """Federate with ``trust_domain`` (its roots: ``bundle``), or stop (``bundle`` None)."""
+        settings = self.settings()
+        trust_domain = parse_trust_domain(trust_domain)
+        if trust_domain == settings.trust_domain:
+            raise CaDirectoryError(f"{trust_domain!r} is this CA's own trust domain, not a federated one")
+        folder = self.file(FEDERATION_DIR)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        path = folder / f"{trust_domain}.pem"
+        if bundle is None:
+            if not path.exists():
+                raise CaDirectoryError(f"not federated with {trust_domain!r}")
+            path.unlink()
+        else:
+            write_public(path, bundle.to_pem())
+        # Rewriting ca.json tells readers (the CA service) to reload.
+        write_public(self.file(CA_JSON), (json.dumps(_bumped(settings).to_json(), indent=2) + "\n").encode())
+
     def authority(self, key: KeyHandle | None = None) -> CertificateAuthority:
         """The CA as the directory describes it, its key opened through its provider."""
         settings = self.settings()
@@ -276,6 +310,13 @@ class CaDirectory:
         write_public(self.file(CA_CERT), pem_of(ca_cert))
         write_public(self.file(CERT_CHAIN), pem_of(*chain))
         write_public(self.file(CA_JSON), (json.dumps(settings.to_json(), indent=2) + "\n").encode())
+
+
+def _bumped(settings: CaSettings) -> CaSettings:
+    return CaSettings(
+        settings.trust_domain, settings.key_type, settings.key_provider, settings.mode, settings.svid_ttl,
+        settings.max_svid_ttl, settings.generation + 1,
+    )
 
 
 def _label(trust_domain: str, role: str) -> str:
@@ -365,12 +406,8 @@ def finish_root_rotation(directory: CaDirectory) -> list[x509.Certificate]:
     current = directory.certificates(ROOT_CERT)[0]
     bundle = directory.certificates(BUNDLE)
     dropped = [c for c in bundle if c != current]
-    updated = CaSettings(
-        settings.trust_domain, settings.key_type, settings.key_provider, settings.mode, settings.svid_ttl,
-        settings.max_svid_ttl, settings.generation + 1,
-    )
     directory._write(
-        updated, root=current, bundle=[current], ca_cert=directory.certificates(CA_CERT)[0],
+        _bumped(settings), root=current, bundle=[current], ca_cert=directory.certificates(CA_CERT)[0],
         chain=directory.certificates(CERT_CHAIN),
     )
     return dropped

@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from meshlet.config.model import PrivateKeyProviderConfig
 from meshlet.errors import MeshletError
 from meshlet.identity import targets as live_targets
+from meshlet.identity.bundle import TrustBundleSet
 from meshlet.identity.cadir import generate_local_key, private_key_pem, write_private, write_public
 from meshlet.identity.csr import create_csr
 from meshlet.identity.service import CaRefused, CertificateRequest, CertificateResponse, make_renewal_proof
@@ -127,6 +128,7 @@ class CertifiedKey:
     chain: tuple[bytes, ...]
     key: NewKey
     trust_bundle_pem: bytes
+    federated: TrustBundleSet = field(default_factory=TrustBundleSet)
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -218,7 +220,11 @@ class IdentityAgent:
         chain = response.chain_der()
         if not chain:
             raise IdentityError("the CA sent an empty certificate chain")
-        issued = CertifiedKey(chain, key, response.bundle_pem())
+        try:
+            federated = response.federation()
+        except (MeshletError, ValueError) as exc:
+            raise IdentityError(f"the CA sent a bad federated trust bundle: {exc}") from None
+        issued = CertifiedKey(chain, key, response.bundle_pem(), federated)
         self._check_issued(issued)
         return issued
 
@@ -255,7 +261,7 @@ class IdentityAgent:
             key = issued.key
             target.replace_certificate(issued.chain, key.handle, private_key_pem=key.private_key_pem)
             if target.trusted_ca_pem is not None and issued.trust_bundle_pem:
-                target.replace_trusted_ca(issued.trust_bundle_pem)
+                target.replace_trusted_ca(issued.trust_bundle_pem, federated=issued.federated)
         except (MeshletError, ValueError) as exc:
             # One context that cannot take the SVID must not keep the others on the old one.
             log.error("cannot install the SVID of %s in a TLS context: %s", self.spiffe_id, exc)

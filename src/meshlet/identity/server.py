@@ -82,7 +82,7 @@ class CaServer:
         self.server_name = server_name
         self.authority = ReloadingAuthority(directory)
         tokens = BootstrapTokens(SqliteTokenStore(directory.file(TOKENS_DB)))
-        self.service = CaService(self.authority, tokens)
+        self.service = CaService(self.authority, tokens, federation=directory.federated_bundles)
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._serving: ServingCertificate | None = None

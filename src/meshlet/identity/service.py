@@ -27,7 +27,7 @@ import json
 import logging
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshlet.errors import MeshletError
-from meshlet.identity.bundle import TrustBundleSet
+from meshlet.identity.bundle import TrustBundle, TrustBundleSet
 from meshlet.identity.ca import CaError, CertificateAuthority
 from meshlet.identity.csr import CsrError, read_csr
 from meshlet.identity.signing import SigningError, scheme_for, sign_with
@@ -133,19 +133,34 @@ class CertificateResponse:
     cert_chain: tuple[str, ...]  # PEM, leaf first, roots excluded
     trust_bundle: tuple[str, ...]  # PEM roots of the trust domain
     trust_domain: str = ""
+    # Federated trust domain -> its PEM roots.
+    federated_bundles: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         return json.dumps({"cert_chain": list(self.cert_chain), "trust_bundle": list(self.trust_bundle),
-                           "trust_domain": self.trust_domain}).encode()
+                           "trust_domain": self.trust_domain,
+                           "federated_bundles": {td: list(r) for td, r in self.federated_bundles.items()},
+                           }).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> CertificateResponse:
         data = json.loads(raw)
         if not isinstance(data, dict):
             raise ValueError("response is not an object")
+        federated = data.get("federated_bundles", {})
+        if not isinstance(federated, dict):
+            raise ValueError("federated_bundles must be an object")
         return cls(tuple(_pem_list(data.get("cert_chain"), "cert_chain")),
                    tuple(_pem_list(data.get("trust_bundle"), "trust_bundle")),
-                   str(data.get("trust_domain", "")))
+                   str(data.get("trust_domain", "")),
+                   {str(td): tuple(_pem_list(roots, f"federated_bundles[{td}]"))
+                    for td, roots in federated.items()})
+
+    def federation(self) -> TrustBundleSet:
+        """The federated bundles (refuses roots that are not CA certificates)."""
+        return TrustBundleSet.of(
+            TrustBundle.from_pem(td, "".join(roots).encode()) for td, roots in self.federated_bundles.items()
+        )
 
     def chain_der(self) -> tuple[bytes, ...]:
         return tuple(
@@ -190,16 +205,19 @@ class ServiceStats:
 
 
 class CaService:
-    """``authority`` is called per request (a directory-backed CA reloads on change)."""
+    """``authority`` is called per request (a directory-backed CA reloads on
+    change); ``federation`` gives the bundles of federated trust domains."""
 
     def __init__(
         self,
         authority: Callable[[], CertificateAuthority],
         tokens: BootstrapTokens,
         *,
+        federation: Callable[[], Sequence[TrustBundle]] = tuple,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._authority = authority
+        self._federation = federation
         self.tokens = tokens
         self.clock = clock
         self.stats = ServiceStats()
@@ -240,6 +258,8 @@ class CaService:
             tuple(c.public_bytes(serialization.Encoding.PEM).decode() for c in issued.chain),
             tuple(r.public_bytes(serialization.Encoding.PEM).decode() for r in authority.bundle.roots),
             authority.trust_domain,
+            {b.trust_domain: tuple(r.public_bytes(serialization.Encoding.PEM).decode() for r in b.roots)
+             for b in self._federation()},
         )
 
     def _redeem(self, token: str, spiffe_id: SpiffeId) -> None:

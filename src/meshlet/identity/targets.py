@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from meshlet.identity.bundle import TrustBundleSet
 from meshlet.tls.config import KeyHandle
 
 
@@ -43,8 +44,11 @@ class CertificateTarget(Protocol):
         need the key bytes refuse without it)."""
         ...
 
-    def replace_trusted_ca(self, pem: bytes) -> None:
-        """Verify peers of new handshakes against ``pem``."""
+    def replace_trusted_ca(self, pem: bytes, *, federated: TrustBundleSet | None = None) -> None:
+        """Verify peers of new handshakes against ``pem`` (the local trust
+        domain's roots) and the bundles of ``federated`` trust domains. An
+        engine that can bind roots to trust domains verifies a SPIFFE peer
+        against its own domain's bundle only; others trust every root given."""
         ...
 
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from meshlet.config.model import TlsCertificate, TlsContext
 from meshlet.errors import ConfigError, UnsupportedConfig
 from meshlet.identity import targets as identity_targets
+from meshlet.identity.bundle import TrustBundleSet
 from meshlet.keys.base import ProviderUnavailable
 from meshlet.proxy.transport import (
     AppProtocolFactory,
@@ -150,12 +151,12 @@ def _local_key(cert: TlsCertificate) -> KeyHandle:
         raise ConfigError(f"{_CERT_PATH}.private_key", str(exc)) from None
 
 
-def _verifier(context: TlsContext) -> PeerVerifier | None:
+def _verifier(context: TlsContext, bundles: TrustBundleSet | None = None) -> PeerVerifier | None:
     validation = context.validation
     if validation is None or validation.accept_untrusted:
         return None
     role = PeerRole.CLIENT if context.server_side else PeerRole.SERVER
-    return PeerPolicy.from_validation(validation, role=role).verify
+    return PeerPolicy.from_validation(validation, role=role, bundles=bundles).verify
 
 
 def _suites(names: tuple[str, ...]) -> tuple[int, ...]:
@@ -228,13 +229,15 @@ class MeshletTlsSocketFactory(TransportSocketFactory):
         self.config = replace(self.config, certificate_chain=tuple(chain), key=key)
         self.local_uri_sans = _uri_sans(chain[0]) if chain else ()
 
-    def replace_trusted_ca(self, pem: bytes) -> None:
-        """New handshakes verify peers against ``pem`` (same SAN matchers)."""
+    def replace_trusted_ca(self, pem: bytes, *, federated: TrustBundleSet | None = None) -> None:
+        """New handshakes verify peers against ``pem`` (same SAN matchers);
+        a SPIFFE peer of a ``federated`` trust domain against that domain's
+        bundle only."""
         context = self._context
         if context is None or context.validation is None:
             raise ValueError("this TLS context does not verify peers; there is no trusted CA to replace")
         context = replace(context, validation=replace(context.validation, trusted_ca_pem=pem))
-        self.config = replace(self.config, verifier=_verifier(context))
+        self.config = replace(self.config, verifier=_verifier(context, federated))
         self._context = context
 
     @property

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from meshlet.config.model import SanMatcher, SanType, TlsCertificate, TlsContext
 from meshlet.errors import ConfigError, UnsupportedConfig
 from meshlet.identity import targets as identity_targets
+from meshlet.identity.bundle import TrustBundleSet
 from meshlet.proxy.listeners.ssl_transport import SslConnection
 from meshlet.proxy.transport import (
     AppProtocolFactory,
@@ -322,10 +323,13 @@ class OpenSslTransportSocketFactory(TransportSocketFactory):
         certificate = TlsCertificate(chain_pem, private_key_pem, source="meshlet identity rotation")
         self._rebuild(replace(self.tls, certificates=(certificate,)))
 
-    def replace_trusted_ca(self, pem: bytes) -> None:
+    def replace_trusted_ca(self, pem: bytes, *, federated: TrustBundleSet | None = None) -> None:
+        """OpenSSL cannot bind a root to a trust domain: federated roots are
+        trusted like local ones (SAN matchers restrict which peers pass)."""
         if self.tls.validation is None:
             raise ValueError("this TLS context does not verify peers; there is no trusted CA to replace")
-        self._rebuild(replace(self.tls, validation=replace(self.tls.validation, trusted_ca_pem=pem)))
+        roots = pem + b"".join(bundle.to_pem() for bundle in federated or ())
+        self._rebuild(replace(self.tls, validation=replace(self.tls.validation, trusted_ca_pem=roots)))
 
     def _rebuild(self, tls: TlsContext) -> None:
         self.context = build_ssl_context(tls)
