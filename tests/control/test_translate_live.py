@@ -20,8 +20,11 @@ from translate_helpers import (
     FIFTY_FIFTY,
     JASON_V2,
     MIRROR,
+    MTLS_STRICT,
     SERVICES,
+    SvidIssuer,
     load,
+    mesh_identity,
     sidecar_id,
     workload_doc,
 )
@@ -31,11 +34,15 @@ from meshlet.bench.procs import free_port
 from meshlet.control.push import ConfigPusher
 from meshlet.control.resources import Resource
 from meshlet.control.store.sqlite import SqliteStore
+from meshlet.control.translate import ProxyNode
 from meshlet.xds.cache import SnapshotCache
 from meshlet.xds.server import start_ads_server
 
 HTTP_OPTIONS_URL = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 OUTBOUND = "127.0.31.1"
+# The service port bookinfo's services share; not 9080, which a bookinfo run elsewhere
+# on the machine may hold on every address.
+PORT = free_port()
 PRODUCTPAGE = ("productpage-v1", "127.0.30.1")
 APPS = [("reviews-v1", "reviews", "v1", "127.0.30.3"), ("reviews-v2", "reviews", "v2", "127.0.30.4"),
         ("reviews-v3", "reviews", "v3", "127.0.30.5"), ("ratings-v1", "ratings", "v1", "127.0.30.6")]
@@ -177,6 +184,10 @@ async def put(store: SqliteStore, resources: list[Resource]) -> None:
         await store.put(resource)
 
 
+def services() -> str:
+    return SERVICES.replace("9080", str(PORT))
+
+
 def app_workloads(apps: dict[str, App]) -> list[str]:
     """The apps registered directly (no sidecar): the port they serve is their workload port."""
     return [workload_doc(name, app, version, host, port=apps[name].port)
@@ -186,7 +197,8 @@ def app_workloads(apps: dict[str, App]) -> list[str]:
 async def reviews_mix(http: httpx.AsyncClient, n: int, **headers: str) -> dict[str, int]:
     mix: dict[str, int] = {}
     for _ in range(n):
-        response = await http.get(f"http://{OUTBOUND}:9080/reviews/0", headers={"host": "reviews", **headers})
+        response = await http.get(f"http://{OUTBOUND}:{PORT}/reviews/0",
+                                  headers={"host": "reviews", **headers})
         mix[response.text] = mix.get(response.text, 0) + 1
     return mix
 
@@ -197,7 +209,7 @@ async def test_bookinfo_scenarios_route_real_traffic(tmp_path: Path, store: Sqli
     productpage = workload_doc(name, "productpage", "v1", address, port=free_port(),
                                annotations={"meshlet.dev/app-ports": "http=1",
                                             "meshlet.dev/outbound-address": OUTBOUND})
-    await put(store, load(SERVICES, productpage, *app_workloads(apps), ALL_V1))
+    await put(store, load(services(), productpage, *app_workloads(apps), ALL_V1))
     cache = SnapshotCache(debounce=0.01, max_delay=0.05)
     pusher = ConfigPusher(store, cache, debounce=0.02, max_delay=0.2)
     await pusher.start()
@@ -275,9 +287,70 @@ async def _delayed(http: httpx.AsyncClient) -> None:
     """Once the new routes arrive, jason's requests to ratings wait out the delay."""
     async def check() -> bool:
         started = time.monotonic()
-        response = await http.get(f"http://{OUTBOUND}:9080/ratings/0",
+        response = await http.get(f"http://{OUTBOUND}:{PORT}/ratings/0",
                                   headers={"host": "ratings", "end-user": "jason"})
         return response.text == "ratings-v1" and time.monotonic() - started >= 0.39
     await eventually(check, "the ratings delay for jason")
-    response = await http.get(f"http://{OUTBOUND}:9080/ratings/0", headers={"host": "ratings"})
+    response = await http.get(f"http://{OUTBOUND}:{PORT}/ratings/0", headers={"host": "ratings"})
     assert response.text == "ratings-v1"
+
+
+async def test_mtls_strict_between_two_sidecars(tmp_path: Path, store: SqliteStore) -> None:
+    """productpage's sidecar -> (mesh mTLS, certificates over SDS) -> reviews' sidecar -> reviews.
+    STRICT: reviews' inbound port refuses plaintext, and a client without a mesh certificate."""
+    app = await App("reviews-v1", "127.0.0.1").start()
+    client_name, client_address = PRODUCTPAGE
+    server_name, server_address = "reviews-v1", "127.0.30.3"
+    inbound_port = free_port()
+    client_node = sidecar_id(client_name, client_address)
+    server_node = sidecar_id(server_name, server_address)
+    docs = [
+        workload_doc(client_name, "productpage", "v1", client_address, port=free_port(),
+                     annotations={"meshlet.dev/app-ports": "http=1",
+                                  "meshlet.dev/outbound-address": OUTBOUND}),
+        workload_doc(server_name, "reviews", "v1", server_address, port=inbound_port,
+                     annotations={"meshlet.dev/app-ports": f"http={app.port}",
+                                  "meshlet.dev/outbound-address": "127.0.31.3"}),
+    ]
+    await put(store, load(services(), *docs, ALL_V1, MTLS_STRICT))
+    issuer = SvidIssuer()
+    identity = mesh_identity(issuer, [ProxyNode.parse(client_node), ProxyNode.parse(server_node)])
+    cache = SnapshotCache(debounce=0.01, max_delay=0.05)
+    pusher = ConfigPusher(store, cache, identity=identity, debounce=0.02, max_delay=0.2)
+    await pusher.start()
+    server, ads_port = await start_ads_server(cache)
+    proxies = [Proxy(tmp_path, node, ads_port).start() for node in (client_node, server_node)]
+    try:
+        for proxy in proxies:
+            await proxy.wait_ready()
+        async with httpx.AsyncClient(timeout=5.0) as http:
+
+            async def through_mesh() -> bool:
+                return await reviews_mix(http, 3) == {"reviews-v1": 3}
+
+            await eventually(through_mesh, "reviews through two sidecars over mTLS")
+            with pytest.raises(httpx.HTTPError):
+                await http.get(f"http://{server_address}:{inbound_port}/", headers={"host": "reviews"})
+        # An independent TLS client (curl): with a mesh certificate it gets through, without one not.
+        svid = identity.certificates[client_node]
+        (tmp_path / "root.pem").write_bytes(issuer.pem)
+        (tmp_path / "svid.pem").write_bytes(svid.chain_pem)
+        (tmp_path / "svid-key.pem").write_bytes(svid.private_key_pem or b"")
+        url = f"https://{server_address}:{inbound_port}/"
+        base = ["curl", "-sS", "--max-time", "5", "-k", "--cacert", str(tmp_path / "root.pem"), url]
+        with_cert = await asyncio.to_thread(subprocess.run, [*base, "--cert", str(tmp_path / "svid.pem"),
+                                                             "--key", str(tmp_path / "svid-key.pem")],
+                                            capture_output=True, timeout=10)
+        assert with_cert.stdout == b"reviews-v1", with_cert.stderr
+        without = await asyncio.to_thread(subprocess.run, base, capture_output=True, timeout=10)
+        assert without.returncode != 0 and without.stdout != b"reviews-v1"
+    except BaseException:
+        for proxy in proxies:
+            print(proxy.log())
+        raise
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        await server.stop(None)
+        await pusher.stop()
+        app.close()
