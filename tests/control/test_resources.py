@@ -132,6 +132,8 @@ def test_kind_and_api_version_pairs_are_checked(snippet: str, expected: str) -> 
     ("hosts: [r]\n  http: [{route: [{destination: {host: r}}], timeout: 5}]",
      "spec.http[0].timeout", "Input should be a valid string"),
     ("hosts: [r]\n  http: [{}]", "spec.http[0]", "needs a route or a redirect"),
+    ("hosts: [r]\n  http: [{route: [{destination: {host: r}}], mirrorPercentage: {value: 5}}]",
+     "spec.http[0]", "mirrorPercentage needs a mirror"),
     ("hosts: []", "spec.hosts", "at least 1 item"),
     ("hosts: [r]\n  tls: []", "spec.tls", "unknown field (or one meshlet does not implement)"),
 ])
@@ -202,6 +204,8 @@ items:
     service, workload = load_documents(text)
     assert service.kind == "Service" and isinstance(workload, Workload)
     assert workload.status.health == "UNKNOWN"
+    assert "spec.address: 'not an address!' is not an IP address or a DNS name" in _error(
+        text.replace("address: 127.0.0.1", "address: 'not an address!'"))
     assert "port names and numbers must be unique" in _error(
         text.replace("ports: [{name: http, number: 9080}]",
                      "ports: [{name: http, number: 9080}, {name: http, number: 9081}]"))

@@ -9,6 +9,7 @@ the field path: ``VirtualService default/reviews: spec.http[0].route[1].weight: 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Self
@@ -80,6 +81,16 @@ def check_host(value: str) -> str:
     return value
 
 
+def check_address(value: str) -> str:
+    """An IP address or a DNS name (where a workload or endpoint is reached)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if "*" in value or len(value) > 253 or not _HOST.match(value):
+            raise ValueError(f"{value!r} is not an IP address or a DNS name") from None
+    return value
+
+
 def check_port(value: int) -> int:
     if not 1 <= value <= 65535:
         raise ValueError(f"port {value} is out of range 1..65535")
@@ -132,6 +143,7 @@ DnsLabel = Annotated[str, AfterValidator(check_dns_label)]
 Name = Annotated[str, AfterValidator(check_name)]
 Host = Annotated[str, AfterValidator(check_host)]
 Port = Annotated[int, AfterValidator(check_port)]
+Address = Annotated[str, AfterValidator(check_address)]
 Weight = Annotated[int, AfterValidator(check_weight)]
 Percent = Annotated[float, AfterValidator(check_percent)]
 Duration = Annotated[str, AfterValidator(check_duration)]

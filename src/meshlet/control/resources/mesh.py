@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from meshlet.control.resources.base import DnsLabel, Host, Labels, Port, Resource, Strict
+from meshlet.control.resources.base import Address, DnsLabel, Host, Labels, Port, Resource, Strict
 from meshlet.control.resources.networking import Protocol
 
 MESHLET = "meshlet.dev"
@@ -64,7 +64,7 @@ Health = Literal["UNKNOWN", "HEALTHY", "UNHEALTHY", "DRAINING"]
 
 
 class WorkloadSpec(Strict):
-    address: str = Field(min_length=1)
+    address: Address
     # Port name -> port the workload's sidecar (or the app) listens on.
     ports: dict[str, Port] = Field(default_factory=dict)
     labels: Labels = Field(default_factory=dict)

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from meshlet.control.resources.base import (
+    Address,
     DnsLabel,
     Duration,
     Host,
@@ -148,6 +149,8 @@ class HTTPRoute(Strict):
 
     @model_validator(mode="after")
     def _route_or_redirect(self) -> HTTPRoute:
+        if self.mirror_percentage is not None and self.mirror is None:
+            raise ValueError("mirrorPercentage needs a mirror")
         if not self.route and self.redirect is None:
             raise ValueError("an http route needs a route or a redirect")
         if self.route and self.redirect is not None:
@@ -387,7 +390,7 @@ class Gateway(Resource):
 
 
 class WorkloadEntrySpec(Strict):
-    address: str | None = None
+    address: Address | None = None
     ports: dict[str, Port] = Field(default_factory=dict)
     labels: Labels = Field(default_factory=dict)
     network: str | None = None
