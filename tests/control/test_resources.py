@@ -187,6 +187,20 @@ spec:
     assert "spec.mtls.mode: Input should be" in _error(text.replace("STRICT", "STRICTEST"))
 
 
+def test_istio_sample_service_entry_with_lowercase_protocol() -> None:
+    (entry,) = load_documents("""
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: googleapis}
+spec:
+  hosts: [www.googleapis.com]
+  ports: [{number: 443, name: https, protocol: http}]
+  location: MESH_EXTERNAL
+  resolution: DNS
+""")
+    assert isinstance(entry, ServiceEntry) and entry.spec.ports[0].protocol == "HTTP"
+
+
 def test_list_kind_and_meshlet_resources() -> None:
     text = """
 apiVersion: v1

@@ -8,9 +8,9 @@ silently ignored.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from meshlet.control.resources.base import (
     Address,
@@ -30,7 +30,14 @@ from meshlet.control.resources.base import (
 NETWORKING = "networking.istio.io"
 NETWORKING_VERSIONS = ("v1", "v1beta1", "v1alpha3")
 
-Protocol = Literal["HTTP", "HTTPS", "GRPC", "HTTP2", "TCP", "TLS", "MONGO"]
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+# Istio matches protocol names case-insensitively ("http" in its own samples);
+# stored upper-case.
+Protocol = Annotated[
+    Literal["HTTP", "HTTPS", "GRPC", "HTTP2", "TCP", "TLS", "MONGO"], BeforeValidator(_upper)]
 
 
 class StringMatch(Strict):
