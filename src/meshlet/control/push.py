@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from meshlet.control.resources import Resource
 from meshlet.control.store import Event, EventType, Store, StoreError
 from meshlet.control.translate import ProxyNode, ResourceSet, TranslationStatus, translate_with_status
+from meshlet.control.translate.identity import IssuingIdentity
 from meshlet.control.translate.security import MeshIdentity
 from meshlet.xds.cache import NodeStatus, SnapshotCache
 from meshlet.xds.server import add_ads_servicer
@@ -47,6 +48,8 @@ RETRY_BASE = 0.2
 RETRY_CAP = 5.0
 # How often the node watcher looks again even without a connect notice.
 NODE_POLL = 1.0
+# Longest sleep between looks at certificate renewals.
+RENEWAL_POLL = 60.0
 STOP_TIMEOUT = 5.0
 
 
@@ -104,6 +107,7 @@ class ConfigPusher:
             asyncio.create_task(self._follow_store(), name="meshlet-push-watch"),
             asyncio.create_task(self._debounced_rebuilds(), name="meshlet-push-rebuild"),
             asyncio.create_task(self._new_nodes(), name="meshlet-push-nodes"),
+            asyncio.create_task(self._renewals(), name="meshlet-push-renewals"),
         ]
 
     async def stop(self) -> None:
@@ -228,10 +232,36 @@ class ConfigPusher:
     def _unbuilt(self, status: NodeStatus) -> bool:
         return self._built_from.get(status.node_id) is not self.resources
 
+    async def _renewals(self) -> None:
+        """Rebuild when an issued certificate is due for renewal (``prepare`` renews it)."""
+        while True:
+            identity = self._identity
+            due = identity.next_renewal() if isinstance(identity, IssuingIdentity) else None
+            wait = RENEWAL_POLL if due is None else min(RENEWAL_POLL, max(0.0, due - time.time()))
+            await asyncio.sleep(wait)
+            if due is not None and time.time() >= due:
+                self._mark_dirty()
+
+    async def _prepare_identities(self, nodes: list[NodeStatus], resources: ResourceSet) -> None:
+        identity = self._identity
+        if not isinstance(identity, IssuingIdentity):
+            return
+        for status in nodes:
+            node = ProxyNode.parse(status.node_id, status.cluster)
+            workload = resources.workload_of(node.id, node.name, node.namespace)
+            account = workload.spec.service_account if workload is not None else (
+                node.name if node.is_gateway else "default")
+            try:
+                await identity.prepare(node, account)
+            except Exception as exc:
+                # The proxy keeps what it has; its mTLS listeners wait for a certificate.
+                log.warning("issuing a certificate for node %s failed: %s", status.node_id, exc)
+
     async def _translate(self, nodes: list[NodeStatus], resources: ResourceSet) -> None:
         if not nodes:
             return
         async with self._lock:
+            await self._prepare_identities(nodes, resources)
             # Translation is CPU work: off the event loop, so ADS streams keep flowing.
             results = await asyncio.to_thread(self._translate_all, nodes, resources)
         for status, snapshot, notes in results:
