@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import select
 import subprocess
@@ -132,6 +134,20 @@ def test_apply_get_describe_delete(server: str, manifests: Path, capsys: pytest.
     assert "No VirtualService resources found in namespace default." in err
     code, out, _ = run(["delete", "-f", str(manifests / "bookinfo.yaml"), "--server", server], capsys)
     assert code == 0 and len(out.splitlines()) == 3
+
+
+def test_apply_from_stdin_with_namespace_and_dry_run(server: str, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(ROUTE))
+    code, out, _ = run(["apply", "-f", "-", "-n", "shop", "--dry-run", "--server", server], capsys)
+    assert code == 0 and out.strip() == "virtualservice.networking.istio.io/reviews created (dry run)"
+    code, _, err = run(["get", "vs", "-n", "shop", "--server", server], capsys)
+    assert "No VirtualService resources found in namespace shop." in err
+    monkeypatch.setattr("sys.stdin", io.StringIO(ROUTE))
+    code, out, _ = run(["apply", "-f", "-", "-n", "shop", "--server", server], capsys)
+    assert code == 0
+    code, out, _ = run(["get", "vs", "-A", "-o", "json", "--server", server], capsys)
+    assert [i["metadata"]["namespace"] for i in json.loads(out)["items"]] == ["shop"]
 
 
 def test_registration_token_from_the_cli(server: str, capsys: pytest.CaptureFixture[str]) -> None:
