@@ -93,6 +93,7 @@ def test_ca_key_generated_in_a_key_server(tmp_path: Path) -> None:
         assert verified.returncode == 0, verified.stderr
         # Rotating the root makes the new key in the same key server.
         ok("ca", "rotate-root", "--dir", str(ca))
+        ok("ca", "rotate-root", "--dir", str(ca), "--activate")
         handle = json.loads((ca / "ca.json").read_text())["key_provider"]["settings"]["handle"]
         assert handle != settings["key_provider"]["settings"]["handle"]
     assert "cannot" in refused("ca", "issue", "--dir", str(ca), "--spiffe-id", CART,
@@ -106,6 +107,8 @@ def test_rotate_root(tmp_path: Path) -> None:
     ok("ca", "issue", "--dir", str(ca), "--spiffe-id", CART, "--out-cert", str(tmp_path / "old.pem"),
        "--out-key", str(tmp_path / "old.key"))
     assert "the bundle holds 2 roots" in ok("ca", "rotate-root", "--dir", str(ca))
+    assert (ca / "root-cert.pem").read_bytes() == old_root  # staged: the old root still signs
+    assert "signs from now on" in ok("ca", "rotate-root", "--dir", str(ca), "--activate")
     assert (ca / "root-cert.pem").read_bytes() != old_root
     ok("ca", "issue", "--dir", str(ca), "--spiffe-id", CART, "--out-cert", str(tmp_path / "new.pem"),
        "--out-key", str(tmp_path / "new.key"))

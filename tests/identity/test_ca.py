@@ -25,7 +25,9 @@ from meshlet.identity.cadir import (
     BUNDLE,
     CA_KEY,
     CaDirectory,
+    CaDirectoryError,
     KeyPlacement,
+    activate_root,
     finish_root_rotation,
     init_root_ca,
     rotate_root,
@@ -150,15 +152,27 @@ async def test_root_rotation_overlaps_old_and_new_roots(tmp_path: Path) -> None:
     old_svid = await ca_dir.authority().issue(WORKLOAD, public)
     old_root = ca_dir.certificates(BUNDLE)[0]
 
+    # Step 1: the new root joins the bundle; the old one still signs.
     new_root = await rotate_root(ca_dir)
+    staged = ca_dir.authority()
+    assert staged.bundle.roots == (old_root, new_root)
+    assert staged.certificate == old_root
+    (await staged.issue(WORKLOAD, public)).leaf.verify_directly_issued_by(old_root)
+    with pytest.raises(CaDirectoryError, match="already under way"):
+        await rotate_root(ca_dir)
+    with pytest.raises(CaDirectoryError, match="activate it"):
+        finish_root_rotation(ca_dir)
+
+    # Step 2: the new root signs; both generations verify against the bundle.
+    assert activate_root(ca_dir) == new_root
+    assert not (ca_dir.path / CA_KEY).exists()  # the retired root's key is gone
     during = ca_dir.authority()
-    assert during.bundle.roots == (old_root, new_root)
     new_svid = await during.issue(WORKLOAD, public)
     new_svid.leaf.verify_directly_issued_by(new_root)
-    # Both generations verify against the overlapping bundle.
     assert verify_as_peer(old_svid.chain_der(), during.bundle) == WORKLOAD
     assert verify_as_peer(new_svid.chain_der(), during.bundle) == WORKLOAD
 
+    # Step 3: the old root leaves the bundle, and its SVIDs with it.
     assert finish_root_rotation(ca_dir) == [old_root]
     after = ca_dir.authority()
     assert after.bundle.roots == (new_root,)

@@ -225,28 +225,38 @@ def describe_certificate(cert: x509.Certificate, now: datetime.datetime, *, leaf
 
 @ca.command("rotate-root")
 @dir_option
+@click.option("--activate", is_flag=True,
+              help="Step 2: the new root signs from now on (once every workload holds the new bundle).")
 @click.option("--finish", is_flag=True,
-              help="End the rotation: drop the old roots from the bundle (once every SVID is reissued).")
+              help="Step 3: drop the old roots from the bundle (once every SVID is reissued).")
 @click.option("--key-provider-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSON {name, settings} of the new root's key (when the CA key is neither local"
                    " nor in a key server).")
-def rotate_root(directory: Path, finish: bool, key_provider_config: Path | None) -> None:
-    """Start a root rotation: a new root signs from now on, old and new are both in the bundle."""
-    from meshlet.identity.cadir import CaDirectory, finish_root_rotation
-    from meshlet.identity.cadir import rotate_root as start_rotation
+def rotate_root(directory: Path, activate: bool, finish: bool, key_provider_config: Path | None) -> None:
+    """Rotate the root in three steps: add a new root to the bundle (the old one
+    still signs), --activate it, --finish by dropping the old root."""
+    from meshlet.identity.cadir import BUNDLE, CaDirectory, activate_root, finish_root_rotation
+    from meshlet.identity.cadir import rotate_root as stage_root
 
+    if activate and finish:
+        raise CliError("--activate and --finish are separate steps; run them one after the other")
     ca_dir = CaDirectory(directory)
     try:
         if finish:
             dropped = finish_root_rotation(ca_dir)
             click.echo(f"dropped {len(dropped)} old root(s); the bundle holds the current root only")
-            return
-        placement = _placement("", None, key_provider_config) if key_provider_config else None
-        root = asyncio.run(start_rotation(ca_dir, placement=placement))
+        elif activate:
+            root = activate_root(ca_dir)
+            click.echo(f"root {root.subject.rfc4514_string()} signs from now on;"
+                       " run --finish once every SVID is reissued")
+        else:
+            placement = _placement("", None, key_provider_config) if key_provider_config else None
+            root = asyncio.run(stage_root(ca_dir, placement=placement))
+            roots = len(ca_dir.certificates(BUNDLE))
+            click.echo(f"new root {root.subject.rfc4514_string()} added; the bundle holds {roots} roots."
+                       " Run --activate once every workload has renewed")
     except _identity_errors() as exc:
         raise CliError(str(exc)) from None
-    roots = len(ca_dir.certificates("bundle.pem"))
-    click.echo(f"new root {root.subject.rfc4514_string()} signs from now on; the bundle holds {roots} roots")
 
 
 @ca.command()

@@ -14,10 +14,15 @@
 ``ca.json`` is written last and atomically, so a reader (the CA service)
 that sees it change sees a complete, consistent directory.
 
-Root rotation follows the overlapping-roots scheme: ``rotate_root`` makes a
-new root (its key in the same kind of provider) and adds it to the bundle,
-so peers trust both while SVIDs are reissued under the new one;
-``finish_root_rotation`` then drops the old roots from the bundle.
+Root rotation follows the overlapping-roots scheme, in three steps so that
+no peer ever meets a certificate it cannot verify:
+
+1. ``rotate_root`` makes a new root (its key in the same kind of provider)
+   and adds it to the bundle; the old root still signs. Workloads pick the
+   new bundle up with their next renewal.
+2. ``activate_root`` (once every workload renewed) makes the new root sign;
+   SVIDs are reissued under it as workloads renew.
+3. ``finish_root_rotation`` (once every SVID is reissued) drops the old roots.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +63,7 @@ BUNDLE = "bundle.pem"
 CA_CERT = "ca-cert.pem"
 CERT_CHAIN = "cert-chain.pem"
 CA_KEY = "ca-key.pem"
+PENDING_ROOT = "pending-root-cert.pem"
 TOKENS_DB = "tokens.db"
 FEDERATION_DIR = "federation"
 
@@ -120,12 +126,14 @@ class KeyPlacement:
     keyserver_socket: str = ""
     provider: PrivateKeyProviderConfig | None = None
 
-    def make_key(self, directory: Path, key_type: str, label: str) -> PrivateKeyProviderConfig:
+    def make_key(
+        self, directory: Path, key_type: str, label: str, filename: str = CA_KEY
+    ) -> PrivateKeyProviderConfig:
         if self.kind == "local":
-            write_private(directory / CA_KEY, private_key_pem(generate_local_key(key_type)))
-            return PrivateKeyProviderConfig(
-                LOCAL_PROVIDER, {"private_key": {"filename": str((directory / CA_KEY).resolve())}}
-            )
+            path = directory / filename
+            write_private(path, private_key_pem(generate_local_key(key_type)))
+            settings: dict[str, object] = {"private_key": {"filename": str(path.resolve())}}
+            return PrivateKeyProviderConfig(LOCAL_PROVIDER, settings)
         if self.kind == "keyserver":
             handle = _generate_in_keyserver(self.keyserver_socket, key_type, label)
             return PrivateKeyProviderConfig(
@@ -179,8 +187,11 @@ class CaSettings:
     svid_ttl: float = DEFAULT_SVID_TTL.total_seconds()
     max_svid_ttl: float = MAX_SVID_TTL.total_seconds()
     generation: int = 1
+    # During a root rotation, before activation: the new root's key.
+    pending_key_provider: PrivateKeyProviderConfig | None = None
 
     def to_json(self) -> dict[str, Any]:
+        pending = self.pending_key_provider
         return {
             "trust_domain": self.trust_domain,
             "key_type": self.key_type,
@@ -189,12 +200,16 @@ class CaSettings:
             "svid_ttl_seconds": self.svid_ttl,
             "max_svid_ttl_seconds": self.max_svid_ttl,
             "generation": self.generation,
+            "pending_key_provider": (
+                {"name": pending.provider_name, "settings": pending.settings} if pending else None
+            ),
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CaSettings:
         try:
             provider = data["key_provider"]
+            pending = data.get("pending_key_provider")
             return cls(
                 trust_domain=parse_trust_domain(str(data["trust_domain"])),
                 key_type=str(data["key_type"]),
@@ -203,6 +218,10 @@ class CaSettings:
                 svid_ttl=float(data.get("svid_ttl_seconds", DEFAULT_SVID_TTL.total_seconds())),
                 max_svid_ttl=float(data.get("max_svid_ttl_seconds", MAX_SVID_TTL.total_seconds())),
                 generation=int(data.get("generation", 1)),
+                pending_key_provider=(
+                    PrivateKeyProviderConfig(str(pending["name"]), dict(pending["settings"]))
+                    if pending else None
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CaDirectoryError(f"{CA_JSON}: missing or bad field ({exc})") from None
@@ -312,11 +331,8 @@ class CaDirectory:
         write_public(self.file(CA_JSON), (json.dumps(settings.to_json(), indent=2) + "\n").encode())
 
 
-def _bumped(settings: CaSettings) -> CaSettings:
-    return CaSettings(
-        settings.trust_domain, settings.key_type, settings.key_provider, settings.mode, settings.svid_ttl,
-        settings.max_svid_ttl, settings.generation + 1,
-    )
+def _bumped(settings: CaSettings, **changes: Any) -> CaSettings:
+    return replace(settings, generation=settings.generation + 1, **changes)
 
 
 def _label(trust_domain: str, role: str) -> str:
@@ -369,25 +385,57 @@ async def rotate_root(
     directory: CaDirectory, *, placement: KeyPlacement | None = None,
     root_ttl: datetime.timedelta = DEFAULT_ROOT_TTL,
 ) -> x509.Certificate:
-    """Start a root rotation: a new root signs from now on; the bundle holds
-    the old roots and the new one until ``finish_root_rotation``."""
+    """Step 1 of a root rotation: a new root joins the bundle; the current
+    root keeps signing until ``activate_root``."""
     settings = directory.settings()
     if settings.mode != "root":
         raise CaDirectoryError(
             "this CA is an intermediate under a root it does not own; rotate that root where it is kept,"
             " then run 'meshlet ca init' with the new root"
         )
+    if settings.pending_key_provider is not None:
+        raise CaDirectoryError("a root rotation is already under way: activate it (--activate) first")
     if placement is None:
         placement = _same_placement(settings.key_provider)
-    provider = placement.make_key(directory.path, settings.key_type, _label(settings.trust_domain, "root"))
+    label = _label(settings.trust_domain, "root")
+    key_file = f"ca-key-{settings.generation + 1}.pem"
+    provider = placement.make_key(directory.path, settings.key_type, label, key_file)
     root = await create_root(settings.trust_domain, open_key(provider), ttl=root_ttl)
-    bundle = [*directory.certificates(BUNDLE), root]
-    updated = CaSettings(
-        settings.trust_domain, settings.key_type, provider, "root", settings.svid_ttl, settings.max_svid_ttl,
-        settings.generation + 1,
+    write_public(directory.file(PENDING_ROOT), pem_of(root))
+    directory._write(
+        _bumped(settings, pending_key_provider=provider), root=directory.certificates(ROOT_CERT)[0],
+        bundle=[*directory.certificates(BUNDLE), root], ca_cert=directory.certificates(CA_CERT)[0],
+        chain=directory.certificates(CERT_CHAIN),
     )
-    directory._write(updated, root=root, bundle=bundle, ca_cert=root, chain=[])
     return root
+
+
+def activate_root(directory: CaDirectory) -> x509.Certificate:
+    """Step 2: the new root signs from now on (every workload should hold the
+    new bundle by now). The old root's in-directory key file is deleted."""
+    settings = directory.settings()
+    pending = settings.pending_key_provider
+    if pending is None:
+        raise CaDirectoryError("no root rotation is under way (start one with rotate-root)")
+    root = directory.certificates(PENDING_ROOT)[0]
+    old_provider = settings.key_provider
+    directory._write(
+        _bumped(settings, key_provider=pending, pending_key_provider=None), root=root,
+        bundle=directory.certificates(BUNDLE), ca_cert=root, chain=[],
+    )
+    directory.file(PENDING_ROOT).unlink()
+    _delete_local_key(directory, old_provider)
+    return root
+
+
+def _delete_local_key(directory: CaDirectory, provider: PrivateKeyProviderConfig) -> None:
+    # Nothing signs with a retired root's key any more; a local copy is only a liability.
+    if provider.provider_name != LOCAL_PROVIDER:
+        return
+    source = provider.settings.get("private_key")
+    filename = source.get("filename") if isinstance(source, dict) else None
+    if isinstance(filename, str) and Path(filename).parent.resolve() == directory.path.resolve():
+        Path(filename).unlink(missing_ok=True)
 
 
 def _same_placement(provider: PrivateKeyProviderConfig) -> KeyPlacement:
@@ -401,8 +449,10 @@ def _same_placement(provider: PrivateKeyProviderConfig) -> KeyPlacement:
 
 
 def finish_root_rotation(directory: CaDirectory) -> list[x509.Certificate]:
-    """End a root rotation: only the current root stays in the bundle. Returns the roots dropped."""
+    """Step 3: only the current root stays in the bundle. Returns the roots dropped."""
     settings = directory.settings()
+    if settings.pending_key_provider is not None:
+        raise CaDirectoryError("the new root does not sign yet: activate it (--activate) before finishing")
     current = directory.certificates(ROOT_CERT)[0]
     bundle = directory.certificates(BUNDLE)
     dropped = [c for c in bundle if c != current]
