@@ -21,6 +21,8 @@ EXPERIMENTS: dict[str, LazyCommand] = {
                          "Regex route matching per engine: selection ns and proxy req/s."),
     "tls": LazyCommand("meshlet.cli.bench_tls:tls_bench",
                        "TLS engines side by side: handshakes/s, CPU per handshake, bulk MB/s."),
+    "handshake": LazyCommand("meshlet.cli.bench_handshake:handshake_bench",
+                             "Key providers: a new TLS 1.3 connection per request, beside HAProxy, nginx."),
 }
 
 
