@@ -4,6 +4,8 @@ issue, token, inspect, rotate-root — as a user runs them, checked with openssl
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +166,50 @@ def test_federate_with_another_trust_domain(tmp_path: Path) -> None:
     assert "no longer federated" in ok("ca", "federate", "--dir", str(ours), "--trust-domain", "partner.org",
                                        "--remove")
     assert not (ours / "federation" / "partner.org.pem").exists()
+
+
+GENERATE_IN_TOKEN = """
+import sys, pkcs11
+from pkcs11 import Attribute, KeyType
+from pkcs11.util.ec import encode_named_curve_parameters
+lib = pkcs11.lib(sys.argv[1])
+with lib.get_token(token_label=sys.argv[2]).open(user_pin=sys.argv[3], rw=True) as session:
+    params = session.create_domain_parameters(
+        KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
+    params.generate_keypair(store=True, label=sys.argv[4])
+"""
+
+
+def test_ca_key_generated_inside_a_pkcs11_token(tmp_path: Path) -> None:
+    pytest.importorskip("pkcs11", reason="python-pkcs11 is not installed")
+    module = "/usr/lib/softhsm/libsofthsm2.so"
+    if shutil.which("softhsm2-util") is None or not os.path.exists(module):
+        pytest.skip("SoftHSM2 is not installed")
+    (tmp_path / "tokens").mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = file\n")
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, env=env)
+
+    made = run("softhsm2-util", "--init-token", "--free", "--label", "ca", "--pin", "1234",
+               "--so-pin", "5678")
+    assert made.returncode == 0, made.stderr
+    generated = run(sys.executable, "-c", GENERATE_IN_TOKEN, module, "ca", "1234", "root-key")
+    assert generated.returncode == 0, generated.stderr
+    provider = tmp_path / "p11.json"
+    provider.write_text(json.dumps({"name": "meshlet.pkcs11", "settings": {
+        "module": module, "token_label": "ca", "pin": "1234", "key_label": "root-key"}}))
+
+    ca = tmp_path / "ca"
+    meshlet_cli = [sys.executable, "-m", "meshlet.cli.main", "ca"]
+    init = run(*meshlet_cli, "init", "--dir", str(ca), "--trust-domain", TD,
+               "--key-provider-config", str(provider))
+    assert init.returncode == 0, init.stderr
+    assert not (ca / "ca-key.pem").exists()
+    issued = run(*meshlet_cli, "issue", "--dir", str(ca), "--spiffe-id", CART, "--out-cert",
+                 str(tmp_path / "cart.pem"), "--out-key", str(tmp_path / "cart.key"))
+    assert issued.returncode == 0, issued.stderr
+    verified = openssl_verify(ca / "root-cert.pem", tmp_path / "cart.pem")
+    assert verified.returncode == 0, verified.stderr
