@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -99,6 +100,25 @@ def test_sigterm_drains_in_flight_requests(proxy: tuple[MeshletProcess, int]) ->
     assert meshlet.terminate(timeout=10) == 0
     slow.join(timeout=10)
     assert results == [(200, b"delayed 1500 ms\n")]
+
+
+def test_sigterm_drains_http2_streams(proxy: tuple[MeshletProcess, int]) -> None:
+    """curl over h2c: the in-flight stream completes, then the proxy exits (GOAWAY on the way)."""
+    meshlet, port = proxy
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    slow = subprocess.Popen(["curl", "-sS", "--max-time", "10", "--http2-prior-knowledge",
+                             "-w", " %{http_version} %{http_code}", f"http://127.0.0.1:{port}/delay/1500"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_stat(meshlet, "cluster.app.upstream_rq_active", 1)
+        assert meshlet.terminate(timeout=10) == 0
+        out, err = slow.communicate(timeout=10)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+            slow.wait(5)
+    assert out == "delayed 1500 ms\n 2 200", err
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
