@@ -159,6 +159,7 @@ def to_row(name: str, key: str, server: RunningServer, load: dict[str, Any], win
         "tls_versions": load["tls_versions"],
         "server_cpu_s": round(window.server_cpu_s, 3),
         "server_cpu_share": round(total_cpu / wall, 2) if wall > 0 else 0.0,
+        "generator_cpu_share": round(load["generator_cpu_s"] / wall, 2) if wall > 0 else 0.0,
         "key_path": server.key_path,
         "version": server.version,
         "duration_s": opts.duration_s,

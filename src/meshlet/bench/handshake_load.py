@@ -59,6 +59,7 @@ class Window:
 
     started: float = 0.0
     ended: float = 0.0
+    cpu_s: float = 0.0  # the generator's own, over the window
     latencies_ms: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     resumed: int = 0
@@ -81,6 +82,7 @@ class Window:
             "tls_versions": dict(self.versions),
             "statuses": {str(k): v for k, v in self.statuses.items()},
             "connections": connections,
+            "generator_cpu_s": round(self.cpu_s, 3),
         }
 
 
@@ -157,9 +159,11 @@ async def worker(host: str, port: int, ctx: ssl.SSLContext, window: Window, meas
             window.errors[f"status {status}"] += 1
 
 
-async def mark(at: float, line: str) -> None:
+async def mark(at: float, line: str) -> float:
+    """Print ``line`` at ``at``; returns this process's CPU seconds then."""
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     print(line, flush=True)
+    return time.process_time()
 
 
 async def run(host: str, port: int, connections: int, duration: float, warmup: float,
@@ -169,7 +173,10 @@ async def run(host: str, port: int, connections: int, duration: float, warmup: f
     window = Window(started=now + warmup, ended=now + warmup + duration)
     workers = [worker(host, port, ctx, window, window.started, window.ended, timeout)
                for _ in range(connections)]
-    await asyncio.gather(mark(window.started, "measuring"), mark(window.ended, "stopped"), *workers)
+    opened = asyncio.ensure_future(mark(window.started, "measuring"))
+    closed = asyncio.ensure_future(mark(window.ended, "stopped"))
+    await asyncio.gather(opened, closed, *workers)
+    window.cpu_s = closed.result() - opened.result()
     return window.summary(connections)
 
 
