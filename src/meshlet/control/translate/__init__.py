@@ -35,7 +35,7 @@ from meshlet.control.translate.security import (
 )
 from meshlet.control.translate.sidecar import sidecar_config
 from meshlet.control.translate.status import Note, TranslationStatus
-from meshlet.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from meshlet.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Snapshot, pack
 
 __all__ = [
     "GATEWAY",
@@ -75,24 +75,45 @@ def translate_with_status(node: ProxyNode, resources: ResourceSet,
     mtls = has_mesh_certificate(node, identity)
     workload = resources.workload_of(node.id, node.name, node.namespace)
     messages: dict[str, list[Message]] = {SECRET: [], CLUSTER: [], ENDPOINT: [], LISTENER: [], ROUTE: []}
-    messages[CLUSTER] += outbound_clusters(resources, mtls, status)
-    messages[ENDPOINT] += load_assignments(resources)
-    messages[SECRET] += mesh_secrets(node, identity)
+    # What every proxy shares is packed once per resource set, not once per proxy.
+    packed: dict[str, list[Resource]] = {t: [] for t in messages}
+    clusters = outbound_clusters(resources, mtls, status)
+    messages[CLUSTER] += clusters
+    packed[CLUSTER] += shared_packs(resources, ("clusters", mtls), clusters)
+    assignments = load_assignments(resources)
+    messages[ENDPOINT] += assignments
+    packed[ENDPOINT] += shared_packs(resources, "endpoints", assignments)
+    own: dict[str, list[Message]] = {SECRET: mesh_secrets(node, identity), LISTENER: [], ROUTE: [],
+                                     CLUSTER: []}
     if node.kind == GATEWAY:
         labels = dict(workload.spec.labels) if workload is not None else {"istio": node.name}
         gateway = gateway_config(resources, node, labels, identity, status)
-        messages[LISTENER] += gateway.listeners
-        messages[ROUTE] += gateway.routes
-        messages[SECRET] += _credential_secrets(gateway.credentials, identity)
+        own[LISTENER] += gateway.listeners
+        own[ROUTE] += gateway.routes
+        own[SECRET] += _credential_secrets(gateway.credentials, identity)
     else:
         labels = dict(workload.spec.labels) if workload is not None else {}
         sidecar = sidecar_config(resources, node, workload, mtls, status)
-        messages[LISTENER] += sidecar.listeners
+        own[LISTENER] += sidecar.listeners
+        own[CLUSTER] += sidecar.clusters
         messages[ROUTE] += sidecar.routes
-        messages[CLUSTER] += sidecar.clusters
+        packed[ROUTE] += [shared_pack(resources, route) for route in sidecar.routes]
+    for type_url, items in own.items():
+        messages[type_url] += items
+        packed[type_url] += [pack(m) for m in items]
     namespace = workload.namespace if workload is not None else node.namespace
     note_unenforced_policies(resources, namespace, labels, status)
-    return Translation(Snapshot.build(messages), status, messages)
+    return Translation(Snapshot(packed), status, messages)
+
+
+def shared_packs(resources: ResourceSet, key: object, messages: list[Message]) -> list[Resource]:
+    """``messages`` (built once per resource set under ``key``) packed once too."""
+    return resources.memo(("packed", key), lambda: [pack(m) for m in messages])
+
+
+def shared_pack(resources: ResourceSet, message: Message) -> Resource:
+    """A message the resource set's memo holds (so its id is not reused while it lives)."""
+    return resources.memo(("packed-message", id(message)), lambda: pack(message))
 
 
 def _credential_secrets(names: list[str], identity: MeshIdentity | None) -> list[Message]:

@@ -218,8 +218,22 @@ class ResourceSet:
         return max(wild, key=lambda dr: len(dr.spec.host), default=None)
 
     def workloads_selected(self, namespace: str, selector: Mapping[str, str]) -> list[Workload]:
-        return [w for w in self.workloads
-                if w.namespace == namespace and labels_match(selector, w.spec.labels)]
+        """Workloads of ``namespace`` whose labels include ``selector``, registry order."""
+        by_label = self.memo("workloads_by_label", self._index_workloads)
+        candidates = [by_label.get((namespace, key, value), []) for key, value in selector.items()]
+        if not selector:
+            candidates = [by_label.get((namespace, "", ""), [])]
+        smallest = min(candidates, key=len)
+        return [w for w in smallest if labels_match(selector, w.spec.labels)]
+
+    def _index_workloads(self) -> dict[tuple[str, str, str], list[Workload]]:
+        """(namespace, label, value) -> workloads; (namespace, "", "") -> all of the namespace."""
+        index: dict[tuple[str, str, str], list[Workload]] = {}
+        for w in self.workloads:
+            index.setdefault((w.namespace, "", ""), []).append(w)
+            for key, value in w.spec.labels.items():
+                index.setdefault((w.namespace, key, value), []).append(w)
+        return index
 
     def workload_of(self, node_id: str, name: str, namespace: str) -> Workload | None:
         """The registered workload a proxy serves: by proxyId, else by name."""

@@ -120,6 +120,9 @@ def _outbound(rs: ResourceSet, node: ProxyNode, address: str, labels: dict[str, 
             out.filter_chains.add().filters.append(rds_manager(f"outbound_{number}", str(number)))
             config.listeners.append(out)
             ctx = RouteContext(number, MESH_GATEWAY, node.namespace, route_labels(labels))
+            if not rs.memo("source_matches", lambda: uses_source_matches(rs)):
+                # Routes do not depend on who asks: one configuration for every sidecar.
+                ctx = RouteContext(number, MESH_GATEWAY, "", ())
             config.routes.append(shared(rs, ("outbound_routes", ctx), _route_builder(rs, ctx), status))
             continue
         cluster = _tcp_destination(rs, services, number, status)
@@ -127,6 +130,12 @@ def _outbound(rs: ResourceSet, node: ProxyNode, address: str, labels: dict[str, 
             out = listener(name, address, number)
             out.filter_chains.add().filters.append(tcp_proxy(f"outbound_{number}", cluster))
             config.listeners.append(out)
+
+
+def uses_source_matches(rs: ResourceSet) -> bool:
+    """Whether any mesh route matches on the client (sourceLabels, sourceNamespace)."""
+    return any(m.source_labels or m.source_namespace is not None
+               for vs in rs.virtual_services for http in vs.spec.http for m in http.match)
 
 
 def _route_builder(rs: ResourceSet,
