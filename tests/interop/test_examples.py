@@ -1,27 +1,30 @@
-"""The example bootstraps under examples/ start and serve (so they cannot rot).
+"""The examples under examples/ start and serve (so they cannot rot).
 
-Their fixed ports are swapped for free ones (as ``meshlet demo`` does) and the
-sample upstream app takes the place of each cluster's endpoint.
+The bootstraps' fixed ports are swapped for free ones (as ``meshlet demo``
+does) and the sample upstream app takes the place of each cluster's endpoint;
+the sample gRPC app runs behind the proxy.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import grpc
 import pytest
 import yaml
-from interop_helpers import StartMeshlet, require, run
+from interop_helpers import StartMeshlet, bootstrap, cluster, hcm, listener, ports, require, route, run
 
 from meshlet.bench.apps import example_path, start_upstream
-from meshlet.bench.procs import free_port
+from meshlet.bench.procs import Child, free_port
 
 pytestmark = pytest.mark.interop
 
 
 def endpoint_ports(config: dict[str, Any]) -> list[int]:
     found = []
-    for cluster in config["static_resources"]["clusters"]:
-        for locality in cluster["load_assignment"]["endpoints"]:
+    for defined in config["static_resources"]["clusters"]:
+        for locality in defined["load_assignment"]["endpoints"]:
             for lb_endpoint in locality["lb_endpoints"]:
                 found.append(lb_endpoint["endpoint"]["address"]["socket_address"]["port_value"])
     return found
@@ -59,3 +62,23 @@ def test_example_serves(start_meshlet: StartMeshlet, example: str, path: str, ex
     finally:
         for child in upstreams:
             child.stop()
+
+
+def test_grpc_echo_example_behind_the_proxy(start_meshlet: StartMeshlet) -> None:
+    app = Child("grpc echo", [sys.executable, str(example_path("apps/grpc_echo.py")), "--port", "0"],
+                capture_stdout=True).start()
+    try:
+        app_port = int(app.read_stdout_line(r"listening on grpc://\S+:(\d+)", 20).group(1))
+        port, admin = ports(2)
+        start_meshlet(bootstrap([listener("grpc", port, [hcm([route("/")])])],
+                                [cluster("app", app_port, http2=True)], admin))
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.enable_http_proxy", 0)]) as channel:
+            service = "/meshlet.example.Echo"
+            assert channel.unary_unary(f"{service}/Unary")(b"hi", timeout=10) == b"echo:hi"
+            assert list(channel.unary_stream(f"{service}/Count")(b"3", timeout=10)) == [b"0", b"1", b"2"]
+            with pytest.raises(grpc.RpcError) as raised:
+                channel.unary_unary(f"{service}/Fail")(b"unavailable", timeout=10)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            assert raised.value.details() == "failed as asked: UNAVAILABLE"  # type: ignore[attr-defined]
+    finally:
+        assert app.stop() == 0  # SIGTERM: a clean exit
