@@ -210,12 +210,18 @@ class ResourceSet:
     def _find_destination_rule(self, host: str) -> DestinationRule | None:
         service = self.services.get(host)
         home = service.namespace if service is not None else None
-        exact = [dr for dr in self.destination_rules if self.resolve_host(dr.spec.host, dr.namespace) == host]
+        exact = self.memo("destination_rules_by_host", self._index_destination_rules).get(host, [])
         if exact:
             return sorted(exact, key=lambda dr: dr.namespace != home)[0]
         wild = [dr for dr in self.destination_rules
                 if dr.spec.host.startswith("*") and host.endswith(dr.spec.host[1:])]
         return max(wild, key=lambda dr: len(dr.spec.host), default=None)
+
+    def _index_destination_rules(self) -> dict[str, list[DestinationRule]]:
+        index: dict[str, list[DestinationRule]] = {}
+        for dr in self.destination_rules:
+            index.setdefault(self.resolve_host(dr.spec.host, dr.namespace), []).append(dr)
+        return index
 
     def workloads_selected(self, namespace: str, selector: Mapping[str, str]) -> list[Workload]:
         """Workloads of ``namespace`` whose labels include ``selector``, registry order."""

@@ -86,12 +86,33 @@ def host_matches(pattern: str, host: str) -> bool:
 
 def mesh_virtual_service(rs: ResourceSet, host: str, status: TranslationStatus) -> VirtualService | None:
     """The VirtualService routing ``host`` inside the mesh: the oldest one naming it."""
-    found = [vs for vs in rs.virtual_services if bound_to(vs, MESH_GATEWAY)
-             and any(host_matches(rs.resolve_host(h, vs.namespace), host) for h in vs.spec.hosts)]
+    by_host, wildcards = rs.memo("mesh_virtual_services", lambda: _index_mesh_virtual_services(rs))
+    found = [*by_host.get(host, []),
+             *(vs for vs in wildcards if any(host_matches(h, host) for h in vs.spec.hosts))]
+    if wildcards:
+        position = rs.memo("vs_positions", lambda: {id(vs): i for i, vs in enumerate(rs.virtual_services)})
+        found.sort(key=lambda vs: position[id(vs)])
     if len(found) > 1:
         status.warning(found[1].resource_id, f"host {host} is already routed by {found[0].resource_id}; "
                        "only the oldest VirtualService for a host applies")
     return found[0] if found else None
+
+
+def _index_mesh_virtual_services(
+        rs: ResourceSet) -> tuple[dict[str, list[VirtualService]], list[VirtualService]]:
+    """Mesh VirtualServices by the full host they name, and those naming wildcards."""
+    by_host: dict[str, list[VirtualService]] = {}
+    wildcards: list[VirtualService] = []
+    for vs in rs.virtual_services:
+        if not bound_to(vs, MESH_GATEWAY):
+            continue
+        for host in dict.fromkeys(rs.resolve_host(h, vs.namespace) for h in vs.spec.hosts):
+            if host.startswith("*"):
+                if vs not in wildcards:
+                    wildcards.append(vs)
+            else:
+                by_host.setdefault(host, []).append(vs)
+    return by_host, wildcards
 
 
 # -- outbound route configurations ---------------------------------------------------- #
