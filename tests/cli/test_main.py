@@ -154,3 +154,31 @@ def test_runs_as_module_and_entry_point(argv: list[str]) -> None:
     assert done.returncode == EXIT_USAGE
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and "does not exist" in done.stderr
+
+
+def test_bench_proxy_table_and_json_output(monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import meshlet.bench.proxy as bench_proxy
+
+    seen: list[object] = []
+
+    def fake_run(opts: bench_proxy.ProxyBenchOptions, progress: object) -> dict[str, object]:
+        seen.append(opts)
+        return {"rows": [{"name": "meshlet", "rps_max": 1234.5, "p50_ms": 0.5},
+                         {"name": "haproxy", "error": "haproxy is not installed"}]}
+
+    monkeypatch.setattr(bench_proxy, "run_proxy_bench", fake_run)
+    argv = ["bench", "proxy", "--json", "--quick", "--rounds", "2", "--system", "meshlet"]
+    code, out, err = run(argv, capsys)
+    assert code == EXIT_RUNTIME  # a failed row fails the command...
+    assert json.loads(out)["rows"][0]["rps_max"] == 1234.5  # ...after printing the one JSON object
+    assert err.strip() == "meshlet: error: benchmark failed for: haproxy"
+    opts = seen[0]
+    assert isinstance(opts, bench_proxy.ProxyBenchOptions)
+    assert (opts.rounds, opts.systems, opts.saturation_s) == (2, ("meshlet",), bench_proxy.QUICK.saturation_s)
+
+    code, out, _ = run(["bench", "proxy", "--duration", "3"], capsys)
+    assert code == EXIT_RUNTIME
+    assert "1234.5" in out and "haproxy is not installed" in out  # the table

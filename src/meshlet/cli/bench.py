@@ -16,6 +16,8 @@ import click
 from meshlet.cli.errors import EXIT_RUNTIME, CliError
 from meshlet.cli.lazy import LazyCommand, LazyGroup
 
+WIDE_OUTPUT = 200
+
 EXPERIMENTS: dict[str, LazyCommand] = {
     "regex": LazyCommand("meshlet.cli.bench_regex:regex_bench",
                          "Regex route matching per engine: selection ns and proxy req/s."),
@@ -45,7 +47,10 @@ def emit(result: dict[str, Any], as_json: bool, columns: tuple[str, ...]) -> Non
     table = Table(*columns, "error")
     for row in result["rows"]:
         table.add_row(*(str(row.get(col, "")) for col in columns), row.get("error", ""))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=WIDE_OUTPUT)  # logs and pipes: don't wrap the table at 80 columns
+    console.print(table)
 
 
 PROXY_COLUMNS = ("name", "rps_max", "p50_ms", "p90_ms", "p99_ms", "cpu_s_per_1000_req", "rss_mb")
