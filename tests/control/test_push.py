@@ -14,6 +14,7 @@ from translate_helpers import ALL_V1, FIFTY_FIFTY, SERVICES, WORKLOADS, load, si
 
 from meshlet.control.push import ConfigPusher
 from meshlet.control.resources import Resource
+from meshlet.control.store import Store
 from meshlet.control.store.sqlite import SqliteStore
 from meshlet.xds.cache import SnapshotCache
 from meshlet.xds.snapshot import CLUSTER, ENDPOINT, ROUTE, Snapshot
@@ -30,7 +31,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
         await opened.close()
 
 
-async def put_all(store: SqliteStore, resources: list[Resource]) -> None:
+async def put_all(store: Store, resources: list[Resource]) -> None:
     for resource in resources:
         await store.put(resource)
 
@@ -177,3 +178,39 @@ spec: {}
     assert pusher.statuses()[NODE]["notes"] == [{"level": "warning",
                                                  "resource": "AuthorizationPolicy default/deny-all",
                                                  "message": "stored, not enforced"}]
+
+
+async def test_mount_xds_serves_ads_from_the_control_plane_store(tmp_path: Path) -> None:
+    import grpc
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+    from meshlet.control.push import mount_xds, pusher_of
+    from meshlet.control.server import ControlPlane, ControlPlaneSettings
+
+    settings = ControlPlaneSettings(store_url=f"sqlite:{tmp_path / 'cp.db'}", api_port=0, xds_port=0)
+    plane = ControlPlane(settings)
+    await plane.open()
+    try:
+        await plane.mount([mount_xds])
+        await plane.start()
+        await put_all(plane.store, load(SERVICES, ALL_V1))
+        pusher = pusher_of(plane)
+        assert pusher is not None
+        await until(lambda: REVIEWS in pusher.resources.services, "the store's services")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            request = discovery_pb2.DiscoveryRequest(type_url=CLUSTER)
+            request.node.id = NODE
+            call = stub.StreamAggregatedResources()
+            await call.write(request)
+            response = await asyncio.wait_for(call.read(), 5)
+            names = set()
+            for packed in response.resources:
+                cluster = cluster_pb2.Cluster()
+                packed.Unpack(cluster)
+                names.add(cluster.name)
+            assert f"outbound|9080|v1|{REVIEWS}" in names
+            call.cancel()
+    finally:
+        await plane.stop()
