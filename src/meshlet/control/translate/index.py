@@ -140,7 +140,9 @@ class ResourceSet:
     @classmethod
     def of(cls, resources: Iterable[Resource], revision: int = 0) -> ResourceSet:
         rs = cls(revision=revision)
-        ordered = sorted(resources, key=_age)
+        # One resource per key, the last given winning, as in a store.
+        unique = {r.key: r for r in resources}
+        ordered = sorted(unique.values(), key=_age)
         for resource in ordered:
             rs._add(resource)
         return rs
