@@ -34,8 +34,6 @@ from meshlet.control.translate.routes import (
 from meshlet.control.translate.security import MeshIdentity, gateway_tls
 from meshlet.control.translate.status import TranslationStatus
 
-TLS_PROTOCOLS = frozenset({"HTTPS", "TLS"})
-
 
 @dataclass(frozen=True, slots=True)
 class BoundServer:
@@ -100,12 +98,13 @@ def _port(rs: ResourceSet, node: ProxyNode, address: str, port: int, servers: li
     else:
         add_tls_inspector(out)
         for s in secure:
+            tls = s.server.tls
+            if tls is None or tls.credential_name is None:
+                continue  # _usable let only servers with a credential through
             chain = out.filter_chains.add(name=f"{s.ref}/{s.server.name or port}")
             names = [h for h in s.hosts() if h != "*"]
             chain.filter_chain_match.server_names.extend(names)
             chain.filters.append(rds_manager(f"gateway_{port}", route_name))
-            tls = s.server.tls
-            assert tls is not None and tls.credential_name is not None
             chain.transport_socket.CopyFrom(gateway_tls(tls.credential_name, tls.mode == "MUTUAL"))
             config.credentials.append(tls.credential_name)
     config.listeners.append(out)
