@@ -197,7 +197,8 @@ class IdentityAgent:
         self._token = token
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
-        self._retired: set[asyncio.TimerHandle] = set()
+        # Replaced key providers, closed once handshakes begun before the swap are done.
+        self._retired: dict[asyncio.TimerHandle, Callable[[], object]] = {}
         store = stats or StatsStore()
         self.expiry_gauge = store.gauge("identity.cert_expiry_seconds")
         self.rotations = store.counter("identity.rotations")
@@ -288,9 +289,13 @@ class IdentityAgent:
         close = getattr(handle, "close", None)
         if not callable(close):
             return
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(KEY_RETIREMENT_GRACE, close)
-        self._retired.add(timer)
+
+        def close_now() -> None:
+            self._retired.pop(timer, None)
+            close()
+
+        timer = asyncio.get_running_loop().call_later(KEY_RETIREMENT_GRACE, close_now)
+        self._retired[timer] = close
 
     def refresh_stats(self) -> None:
         if self.current is not None:
@@ -369,9 +374,11 @@ class IdentityAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for timer in self._retired:
+        # Stopping: the retired keys' handshakes are over or abandoned; release them now.
+        retired, self._retired = self._retired, {}
+        for timer, close in retired.items():
             timer.cancel()
-        self._retired.clear()
+            close()
 
     def describe(self) -> dict[str, Any]:
         current = self.current
