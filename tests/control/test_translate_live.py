@@ -34,7 +34,7 @@ from meshlet.bench.procs import free_port
 from meshlet.control.push import ConfigPusher
 from meshlet.control.resources import Resource
 from meshlet.control.store.sqlite import SqliteStore
-from meshlet.control.translate import ProxyNode
+from meshlet.control.translate import ProxyNode, node_id
 from meshlet.xds.cache import SnapshotCache
 from meshlet.xds.server import start_ads_server
 
@@ -351,6 +351,65 @@ async def test_mtls_strict_between_two_sidecars(tmp_path: Path, store: SqliteSto
     finally:
         for proxy in proxies:
             proxy.stop()
+        await server.stop(None)
+        await pusher.stop()
+        app.close()
+
+
+async def test_ingress_gateway_routes_to_productpage(tmp_path: Path, store: SqliteStore) -> None:
+    """Gateway + VirtualService bound to it -> the gateway proxy's listener; curl as the client."""
+    app = await App("productpage-v1", "127.0.30.1").start()
+    gateway_port = free_port()
+    gateway = f"""
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: bookinfo-gateway}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {gateway_port}, name: http, protocol: HTTP}}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: bookinfo}}
+spec:
+  hosts: ["*"]
+  gateways: [bookinfo-gateway]
+  http:
+  - match:
+    - uri: {{exact: /productpage}}
+    route:
+    - destination: {{host: productpage, port: {{number: {PORT}}}}}
+"""
+    productpage = workload_doc("productpage-v1", "productpage", "v1", "127.0.30.1", port=app.port)
+    await put(store, load(services(), productpage, gateway))
+    cache = SnapshotCache(debounce=0.01, max_delay=0.05)
+    pusher = ConfigPusher(store, cache, debounce=0.02, max_delay=0.2)
+    await pusher.start()
+    server, ads_port = await start_ads_server(cache)
+    node = node_id("router", "127.0.32.1", "ingressgateway", "istio-system")
+    proxy = Proxy(tmp_path, node, ads_port).start()
+    try:
+        await proxy.wait_ready()
+
+        async def curl(path: str) -> tuple[str, str]:
+            done = await asyncio.to_thread(
+                subprocess.run, ["curl", "-sS", "--max-time", "3", "-o", "-", "-w", " %{http_code}",
+                                 f"http://127.0.32.1:{gateway_port}{path}"], capture_output=True, timeout=10)
+            body, _, code = done.stdout.decode().rpartition(" ")
+            return body, code
+
+        async def served() -> bool:
+            return await curl("/productpage") == ("productpage-v1", "200")
+
+        await eventually(served, "productpage through the ingress gateway")
+        assert (await curl("/admin"))[1] == "404"
+    except BaseException:
+        print(proxy.log())
+        raise
+    finally:
+        proxy.stop()
         await server.stop(None)
         await pusher.stop()
         app.close()
