@@ -1,0 +1,297 @@
+"""``meshlet up`` / ``run`` / ``down`` as functions (the CLI and the demo call them).
+
+    info = mesh_up(MeshState(Path(".meshlet")))          # control plane + ingress gateway
+    record = run_workload(state, RunRequest("reviews", ["python", "app.py"], version="v1"))
+    mesh_down(state)                                      # every process it started, in order
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from meshlet.bench.procs import free_port, port_is_free
+from meshlet.control.translate.node import GATEWAY as GATEWAY_KIND
+from meshlet.control.translate.node import SIDECAR, node_id
+from meshlet.mesh.bootstrap import ads_bootstrap
+from meshlet.mesh.client import ControlPlaneError, MeshClient
+from meshlet.mesh.plane import CA_DIR_ENV, STATUS_PATH, STATUS_PORT_ENV
+from meshlet.mesh.procs import Recorded, spawn_detached, stop_recorded
+from meshlet.mesh.state import (
+    CONTROL_PLANE,
+    GATEWAY,
+    WORKLOAD_PREFIX,
+    MeshInfo,
+    MeshState,
+    StateError,
+    WorkloadRecord,
+    inbound_address,
+    outbound_address,
+)
+from meshlet.mesh.workload import app_accepts, sidecar_ready
+
+DEFAULT_API_PORT = 15080
+DEFAULT_XDS_PORT = 15010
+DEFAULT_LOOPBACK_BLOCK = 10
+GATEWAY_NAME = "ingressgateway"
+GATEWAY_NAMESPACE = "istio-system"
+READY_TIMEOUT = 30.0
+POLL = 0.1
+APP_PORTS = "meshlet.dev/app-ports"
+OUTBOUND_ADDRESS = "meshlet.dev/outbound-address"
+MESHLET_GROUP = "meshlet.dev"
+
+Progress = Callable[[str], None]
+
+
+class MeshError(RuntimeError):
+    """The mesh could not be brought up, or a workload could not join it."""
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def _python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def _port_or_free(preferred: int | None, default: int) -> int:
+    if preferred is not None:
+        return preferred
+    return default if port_is_free(default) else free_port()
+
+
+def _wait(check: Callable[[], bool], what: str, process: Recorded, timeout: float = READY_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise MeshError(f"{process.name} exited before {what}; see {process.log}{_tail(process.log)}")
+        if check():
+            return
+        time.sleep(POLL)
+    raise MeshError(f"{process.name}: {what} did not happen within {timeout:.0f} s; see {process.log}")
+
+
+def _tail(log: str, lines: int = 3) -> str:
+    try:
+        text = Path(log).read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return ""
+    return ": " + " | ".join(text) if text else ""
+
+
+# -- up ---------------------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True, slots=True)
+class UpOptions:
+    store_url: str | None = None
+    api_port: int | None = None
+    xds_port: int | None = None
+    loopback_block: int = DEFAULT_LOOPBACK_BLOCK
+    trust_domain: str = "cluster.local"
+    gateway: bool = True
+
+
+def ensure_ca(state: MeshState, trust_domain: str) -> None:
+    from meshlet.identity.cadir import CaDirectory, init_root_ca
+
+    if not CaDirectory(state.ca_dir).exists:
+        asyncio.run(init_root_ca(state.ca_dir, trust_domain))
+
+
+def mesh_up(state: MeshState, options: UpOptions = UpOptions(), progress: Progress = _quiet) -> MeshInfo:
+    """Start the control plane (and the ingress gateway); returns where they listen."""
+    running = state.recorded(CONTROL_PLANE)
+    if running is not None and running.alive():
+        raise MeshError(f"a mesh is already up in {state.root} (meshlet down --dir {state.root} first)")
+    if not 1 <= options.loopback_block <= 254:
+        raise MeshError(f"loopback block {options.loopback_block} is not in 1..254")
+    state.root.mkdir(parents=True, exist_ok=True)
+    ensure_ca(state, options.trust_domain)
+    store_url = options.store_url or state.default_store_url
+    api_port = _port_or_free(options.api_port, DEFAULT_API_PORT)
+    xds_port = _port_or_free(options.xds_port, DEFAULT_XDS_PORT)
+    status_port = free_port()
+    env = {**os.environ, CA_DIR_ENV: str(state.ca_dir), STATUS_PORT_ENV: str(status_port)}
+    argv = _python_module("meshlet.mesh.controlplane", "--store", store_url, "--api-port", str(api_port),
+                          "--xds-port", str(xds_port))
+    plane = spawn_detached(CONTROL_PLANE, argv, pid_file=state.pid_file(CONTROL_PLANE),
+                           log_file=state.log_file(CONTROL_PLANE), env=env)
+    gateway_node = node_id(GATEWAY_KIND, "127.0.0.1", GATEWAY_NAME, GATEWAY_NAMESPACE)
+    info = MeshInfo(api_url=f"http://127.0.0.1:{api_port}", xds_address=f"127.0.0.1:{xds_port}",
+                    status_url=f"http://127.0.0.1:{status_port}{STATUS_PATH}", store_url=store_url,
+                    loopback_block=options.loopback_block, gateway_node=gateway_node,
+                    gateway_admin_port=free_port(), trust_domain=options.trust_domain)
+    client = MeshClient(info.api_url, info.status_url, timeout=2.0)
+    try:
+        _wait(lambda: _answers(client), "the control plane answered", plane)
+        state.write_info(info)
+        progress(f"control plane: api {info.api_url}, xDS {info.xds_address}, store {store_url} "
+                 f"(pid {plane.pid})")
+        if options.gateway:
+            gateway = start_gateway(state, info)
+            _wait(lambda: sidecar_ready(info.gateway_admin_port), "the gateway got its config", gateway)
+            progress(f"ingress gateway: node {gateway_node}, "
+                     f"admin http://127.0.0.1:{info.gateway_admin_port}/ (pid {gateway.pid})")
+    except BaseException:
+        mesh_down(state)
+        raise
+    return info
+
+
+def _answers(client: MeshClient) -> bool:
+    try:
+        client.healthz()
+        client.sync_status()
+    except ControlPlaneError:
+        return False
+    return True
+
+
+def start_gateway(state: MeshState, info: MeshInfo) -> Recorded:
+    config = state.proxy_config(GATEWAY)
+    config.parent.mkdir(parents=True, exist_ok=True)
+    bootstrap = ads_bootstrap(info.gateway_node, GATEWAY_NAME, info.xds_address, info.gateway_admin_port)
+    config.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+    argv = _python_module("meshlet.cli.main", "proxy", "--config", str(config), "--log-level", "warning")
+    return spawn_detached(GATEWAY, argv, pid_file=state.pid_file(GATEWAY), log_file=state.log_file(GATEWAY))
+
+
+# -- down ------------------------------------------------------------------------------------------ #
+
+
+def mesh_down(state: MeshState, progress: Progress = _quiet) -> list[tuple[str, str]]:
+    """Stop workloads (they deregister), then the gateway, then the control plane."""
+    outcomes: list[tuple[str, str]] = []
+    recorded = state.all_recorded()
+    order = ([r for r in recorded if r.name.startswith(WORKLOAD_PREFIX)]
+             + [r for r in recorded if r.name == GATEWAY]
+             + [r for r in recorded if r.name == CONTROL_PLANE]
+             + [r for r in recorded if r.name not in (GATEWAY, CONTROL_PLANE)
+                and not r.name.startswith(WORKLOAD_PREFIX)])
+    for process in order:
+        outcome = stop_recorded(process)
+        state.forget(process.name)
+        outcomes.append((process.name, outcome))
+        progress(f"{process.name} (pid {process.pid}): {outcome}")
+    for workload in state.workloads():
+        state.drop_workload(workload.name)
+    state.clear_info()
+    return outcomes
+
+
+# -- run ---------------------------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    service: str
+    command: list[str]
+    version: str | None = None
+    app_port: int | None = None
+    namespace: str = "default"
+    service_account: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    ready_timeout: float = READY_TIMEOUT
+
+
+def service_env(services: list[dict[str, object]], namespace: str, outbound: str) -> dict[str, str]:
+    """Kubernetes-style ``<NAME>_SERVICE_HOST`` / ``_PORT`` for every service of the namespace,
+    pointing at this workload's outbound listeners."""
+    env: dict[str, str] = {}
+    for service in services:
+        meta = service.get("metadata")
+        spec = service.get("spec")
+        if not isinstance(meta, dict) or not isinstance(spec, dict) or meta.get("namespace") != namespace:
+            continue
+        ports = spec.get("ports")
+        if not isinstance(ports, list) or not ports:
+            continue
+        prefix = str(meta["name"]).upper().replace("-", "_")
+        env[f"{prefix}_SERVICE_HOST"] = outbound
+        env[f"{prefix}_SERVICE_PORT"] = str(ports[0]["number"])
+    return env
+
+
+def run_workload(state: MeshState, request: RunRequest, progress: Progress = _quiet) -> WorkloadRecord:
+    """Register a workload of ``request.service``, start its supervisor (sidecar + app), and
+    wait until the sidecar has its config and the app accepts connections."""
+    info = state.info()
+    plane = state.recorded(CONTROL_PLANE)
+    if plane is None or not plane.alive():
+        raise MeshError(f"the control plane of {state.root} is not running (meshlet up)")
+    client = MeshClient(info.api_url, info.status_url)
+    service = client.get(MESHLET_GROUP, "services", request.namespace, request.service)
+    if service is None:
+        raise MeshError(f"service {request.namespace}/{request.service} is not defined: apply a "
+                        "meshlet.dev/v1 Service first (e.g. meshlet apply -f "
+                        "examples/bookinfo/services.yaml)")
+    ports = {str(p["name"]): int(p["number"]) for p in service["spec"]["ports"]}
+    name = state.unique_workload_name(f"{request.service}-{request.version}" if request.version
+                                      else request.service)
+    index = state.free_index()
+    inbound = inbound_address(info.loopback_block, index)
+    outbound = outbound_address(info.loopback_block, index)
+    app_port = request.app_port or free_port()
+    proxy_id = node_id(SIDECAR, inbound, name, request.namespace)
+    account = request.service_account or request.service
+    token = client.issue_token(request.namespace, account)
+    workload = client.register(token, name=name, service=request.service, address=inbound, ports=ports,
+                               version=request.version, proxy_id=proxy_id)
+    annotations = dict(workload["metadata"].get("annotations") or {})
+    annotations[APP_PORTS] = ",".join(f"{port}={app_port}" for port in ports)
+    annotations[OUTBOUND_ADDRESS] = outbound
+    workload["metadata"]["annotations"] = annotations
+    client.put(MESHLET_GROUP, "workloads", workload)
+    env = {"PORT": str(app_port), "MESHLET_SERVICE": request.service,
+           "MESHLET_VERSION": request.version or "", "MESHLET_WORKLOAD": name,
+           "MESHLET_NAMESPACE": request.namespace,
+           "MESHLET_OUTBOUND_ADDRESS": outbound,
+           **service_env(client.list(MESHLET_GROUP, "services"), request.namespace, outbound),
+           **request.extra_env}
+    record = WorkloadRecord(name=name, service=request.service, namespace=request.namespace,
+                            version=request.version, index=index, inbound_address=inbound,
+                            outbound_address=outbound, app_port=app_port, admin_port=free_port(),
+                            node_id=proxy_id, command=list(request.command), env=env, service_account=account)
+    config = state.proxy_config(name)
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(ads_bootstrap(proxy_id, request.service, info.xds_address,
+                                                   record.admin_port), sort_keys=False))
+    state.save_workload(record)
+    supervisor = spawn_detached(WORKLOAD_PREFIX + name,
+                                _python_module("meshlet.mesh.workload", "--dir", str(state.root),
+                                               "--name", name),
+                                pid_file=state.pid_file(WORKLOAD_PREFIX + name),
+                                log_file=state.log_file(WORKLOAD_PREFIX + name))
+    try:
+        _wait(lambda: sidecar_ready(record.admin_port) and app_accepts(record.app_port),
+              "the sidecar got its config and the app accepted connections", supervisor,
+              request.ready_timeout)
+    except (MeshError, KeyboardInterrupt):
+        stop_workload(state, name)
+        raise
+    progress(f"{name}: sidecar inbound {inbound}, outbound {outbound}, app 127.0.0.1:{app_port}, "
+             f"admin http://127.0.0.1:{record.admin_port}/ (pid {supervisor.pid})")
+    return record
+
+
+def stop_workload(state: MeshState, name: str) -> str:
+    """Stop one workload's supervisor (it deregisters) and forget it."""
+    process = state.recorded(WORKLOAD_PREFIX + name)
+    outcome = stop_recorded(process) if process is not None else "not running"
+    state.forget(WORKLOAD_PREFIX + name)
+    state.drop_workload(name)
+    return outcome
+
+
+__all__ = ["MeshError", "RunRequest", "StateError", "UpOptions", "mesh_down", "mesh_up", "run_workload",
+           "stop_workload"]
