@@ -200,3 +200,32 @@ async def test_connection_is_anchored_in_the_trust_bundle(setup: Setup, tmp_path
     finally:
         await stranger.close()
     assert refused.value.code == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b"\xff\xfe not json", "bad request"),
+    (b'{"csr": 5}', "'csr' (a PEM string) is required"),
+    (b'{"csr": "\\ud800"}', "'csr' (a PEM string) is required"),
+    (b'{"csr": "x", "ttl_seconds": "long"}', "'ttl_seconds' must be a number"),
+    (b'{"csr": "x", "renewal": {"signed_at": 1, "signature": "!!", "chain": []}}', "bad request"),
+    (b'{"csr": "-----BEGIN CERTIFICATE REQUEST-----\\nAAAA\\n-----END CERTIFICATE REQUEST-----\\n"}',
+     "not a PKCS#10"),
+])
+async def test_hostile_requests_get_a_status_and_the_ca_keeps_serving(
+    setup: Setup, client: CaClient, payload: bytes, reason: str
+) -> None:
+    import grpc
+
+    roots = (setup.ca_dir / "bundle.pem").read_bytes()
+    async with grpc.aio.secure_channel(
+        setup.ca.address, grpc.ssl_channel_credentials(roots),
+        options=[("grpc.ssl_target_name_override", "127.0.0.1")],
+    ) as channel:
+        call = channel.unary_unary("/meshlet.identity.v1.CertificateService/CreateCertificate")
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await call(payload, timeout=5)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason in (failed.value.details() or "")
+    # The service is unharmed.
+    request, _ = await request_for(CART)
+    await client.create_certificate(request, token=setup.token(CART))

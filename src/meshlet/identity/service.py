@@ -20,6 +20,7 @@ the status details.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
@@ -70,7 +71,7 @@ class ServiceError(MeshletError):
 
 
 def _pem_list(value: object, name: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.isascii() for v in value):
         raise ValueError(f"{name} must be a list of PEM strings")
     return list(value)
 
@@ -117,7 +118,8 @@ class CertificateRequest:
     def decode(cls, raw: bytes) -> CertificateRequest:
         try:
             data = json.loads(raw)
-            if not isinstance(data, dict) or not isinstance(data.get("csr"), str):
+            csr = data.get("csr") if isinstance(data, dict) else None
+            if not isinstance(csr, str) or not csr.isascii():
                 raise ValueError("'csr' (a PEM string) is required")
             ttl = data.get("ttl_seconds")
             if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
@@ -322,6 +324,13 @@ class CaService:
             log.warning("CreateCertificate failed: %s", exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the CA cannot serve: {exc}")
             raise
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            # Whatever a request does, it ends in a status for that caller only.
+            log.exception("CreateCertificate failed unexpectedly")
+            await context.abort(grpc.StatusCode.INTERNAL, "the CA failed on this request")
+            raise
         return response.encode()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -378,8 +387,6 @@ class CaClient:
         self._bundle = bundle_pem
 
     def _open(self) -> grpc.aio.Channel:
-        import asyncio
-
         loop = asyncio.get_running_loop()
         opened_for = (self.target, self._bundle, loop)
         if self._channel is not None and self._opened_for == opened_for:
