@@ -380,14 +380,27 @@ def test_rotation_under_traffic_with_key_in_a_key_server(ca_dir: Path, tmp_path:
         sidecar(tmp_path, ca_dir, ca.address, ttl=4, engine="meshlet", keyserver_socket=ks_socket) as proxy,
     ):
         assert not (proxy.identity_dir / "key.pem").exists()  # the key stays in the key server
-        traffic = Traffic(proxy.port, issue_client(ca_dir, tmp_path, "client"), ca_dir / "bundle.pem")
-        with traffic.running():
-            time.sleep(6.5)
+        client = issue_client(ca_dir, tmp_path, "client")
+        traffic = Traffic(proxy.port, client, ca_dir / "bundle.pem")
+        with (
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw,
+            client_context(client, ca_dir / "bundle.pem").wrap_socket(raw) as kept,
+            traffic.running(),
+        ):
+            # One connection set up before any rotation stays up through all of them.
+            deadline = time.monotonic() + 6.5
+            kept_requests = 0
+            while time.monotonic() < deadline:
+                kept.sendall(b"GET / HTTP/1.1\r\nHost: mesh\r\n\r\n")
+                assert read_response(kept).endswith(b"ok")
+                kept_requests += 1
+                time.sleep(0.1)
         rotations = stat(proxy, "identity.rotations")
         certs = json.loads(admin_get(proxy.admin_port, "/certs"))
         expiry = stat(proxy, "identity.cert_expiry_seconds")
     assert traffic.failures == [], traffic.failures[:5]
     assert traffic.ok > 20
+    assert kept_requests > 30
     assert rotations >= 2
     assert len(traffic.server_serials) >= 3  # the first SVID and at least two rotations, seen by clients
     assert 0 < expiry <= 4
