@@ -33,6 +33,10 @@ COMMANDS: dict[str, LazyCommand] = {
                            "Report mesh config mistakes (files or the control plane)."),
     "ca": LazyCommand("meshlet.cli.ca:ca", "The mesh CA: SVIDs, bootstrap tokens, root rotation."),
     "xds": LazyCommand("meshlet.cli.xds:xds", "Debug xDS: dump what a control plane serves a node."),
+    "up": LazyCommand("meshlet.cli.mesh:up", "Start the mesh here: control plane and ingress gateway."),
+    "run": LazyCommand("meshlet.cli.mesh:run", "Run an app as a mesh workload beside its sidecar."),
+    "status": LazyCommand("meshlet.cli.mesh:status", "Mesh services, workloads, proxies and their sync."),
+    "down": LazyCommand("meshlet.cli.mesh:down", "Stop everything meshlet up and run started."),
 }
 
 

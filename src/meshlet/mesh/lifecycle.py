@@ -23,7 +23,7 @@ from meshlet.control.translate.node import SIDECAR, node_id
 from meshlet.mesh.bootstrap import ads_bootstrap
 from meshlet.mesh.client import ControlPlaneError, MeshClient
 from meshlet.mesh.plane import CA_DIR_ENV, STATUS_PATH, STATUS_PORT_ENV
-from meshlet.mesh.procs import Recorded, spawn_detached, stop_recorded
+from meshlet.mesh.procs import Recorded, finish_stop, request_stop, spawn_detached, stop_recorded
 from meshlet.mesh.state import (
     CONTROL_PLANE,
     GATEWAY,
@@ -173,13 +173,15 @@ def mesh_down(state: MeshState, progress: Progress = _quiet) -> list[tuple[str, 
     """Stop workloads (they deregister), then the gateway, then the control plane."""
     outcomes: list[tuple[str, str]] = []
     recorded = state.all_recorded()
-    order = ([r for r in recorded if r.name.startswith(WORKLOAD_PREFIX)]
-             + [r for r in recorded if r.name == GATEWAY]
-             + [r for r in recorded if r.name == CONTROL_PLANE]
-             + [r for r in recorded if r.name not in (GATEWAY, CONTROL_PLANE)
-                and not r.name.startswith(WORKLOAD_PREFIX)])
-    for process in order:
-        outcome = stop_recorded(process)
+    workloads = [r for r in recorded if r.name.startswith(WORKLOAD_PREFIX)]
+    # Workloads stop together (each deregisters and stops its app and sidecar), then
+    # the rest one by one: the gateway, the control plane last.
+    for process in workloads:
+        request_stop(process)
+    rest = ([r for r in recorded if r.name == GATEWAY] + [r for r in recorded if r.name == CONTROL_PLANE]
+            + [r for r in recorded if r.name not in (GATEWAY, CONTROL_PLANE) and r not in workloads])
+    for process in [*workloads, *rest]:
+        outcome = finish_stop(process) if process in workloads else stop_recorded(process)
         state.forget(process.name)
         outcomes.append((process.name, outcome))
         progress(f"{process.name} (pid {process.pid}): {outcome}")

@@ -130,18 +130,28 @@ def wait_gone(recorded: Recorded, timeout: float) -> bool:
     return not recorded.alive()
 
 
+def request_stop(recorded: Recorded) -> None:
+    """SIGTERM the process group (``finish_stop`` waits for it)."""
+    _signal_group(recorded, signal.SIGTERM)
+
+
+def finish_stop(recorded: Recorded, grace: float = STOP_GRACE) -> str:
+    """Wait up to ``grace`` s for a group asked to stop, then SIGKILL it. Says what happened."""
+    if wait_gone(recorded, grace):
+        return "stopped"
+    _kill_group(recorded.pid)
+    wait_gone(recorded, KILL_WAIT)
+    return "killed"
+
+
 def stop_recorded(recorded: Recorded, grace: float = STOP_GRACE) -> str:
     """SIGTERM the process group, SIGKILL it after ``grace`` s. Says what happened."""
     if not recorded.alive():
         if _group_alive(recorded.pid):
             _kill_group(recorded.pid)
         return "not running"
-    _signal_group(recorded, signal.SIGTERM)
-    if wait_gone(recorded, grace):
-        return "stopped"
-    _kill_group(recorded.pid)
-    wait_gone(recorded, KILL_WAIT)
-    return "killed"
+    request_stop(recorded)
+    return finish_stop(recorded, grace)
 
 
 def _kill_group(pgid: int) -> None:
