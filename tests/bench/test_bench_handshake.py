@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from meshlet.bench.handshake import ratios
+from meshlet.bench.handshake import merge_rounds, ratios
 from meshlet.bench.handshake_load import Window, request_bytes, response_length
 from meshlet.bench.handshake_servers import (
     KEY_PATHS,
@@ -149,3 +149,14 @@ def test_unknown_system_is_a_usage_error() -> None:
     done = run_bench("--system", "envoy")
     assert done.returncode == 2
     assert "envoy" in done.stderr and done.stdout == ""
+
+
+def test_rounds_merge_into_medians_and_sums() -> None:
+    rounds = [{"name": "haproxy", "key": "p256", "cpu_us_per_handshake": cpu, "server_handshakes": 100,
+               "shared_core": False} for cpu in (300.0, 500.0, 400.0)]
+    merged = merge_rounds(rounds)
+    assert merged["cpu_us_per_handshake"] == 400.0 and merged["server_handshakes"] == 300
+    assert merged["rounds"] == 3 and merged["cpu_us_per_handshake_rounds"] == [300.0, 500.0, 400.0]
+    assert merged["shared_core"] is False
+    failed = {"name": "haproxy", "key": "p256", "error": "exited"}
+    assert merge_rounds([rounds[0], failed]) == failed

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import statistics
 import sys
 import tempfile
 import time
@@ -56,6 +57,7 @@ class HandshakeBenchOptions:
     systems: tuple[str, ...] = SYSTEMS
     keys: tuple[str, ...] = KEYS
     skip_missing: bool = False  # leave out haproxy/nginx rows whose binary is not installed
+    rounds: int = 1  # each (system, key) this many times, alternating; medians reported
 
 
 # A smoke run (about a minute for all rows): shapes and sanity, not figures to quote.
@@ -237,21 +239,51 @@ def selected_systems(opts: HandshakeBenchOptions, progress: Progress) -> list[st
     return chosen
 
 
+# Summed over rounds; every other number is the median of the rounds.
+SUMMED = ("server_handshakes", "client_connections", "client_resumed", "client_errors", "server_cpu_s",
+          "keyserver_cpu_s")
+
+
+def merge_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a (system, key)'s rounds: medians (sums for counts); a failed round fails the row."""
+    failed = [row for row in rows if "error" in row]
+    if failed:
+        return failed[0]
+    merged = dict(rows[0])
+    for name, value in rows[0].items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        values = [row[name] for row in rows]
+        merged[name] = round(sum(values) if name in SUMMED else statistics.median(values), 3)
+    merged["rounds"] = len(rows)
+    if len(rows) > 1:
+        # The spread says how much the machine moved the figure between rounds.
+        merged["cpu_us_per_handshake_rounds"] = [row["cpu_us_per_handshake"] for row in rows]
+    return merged
+
+
 def run_handshake_bench(opts: HandshakeBenchOptions, progress: Progress) -> dict[str, Any]:
-    """Every (system, key) of ``opts``; one that fails gets a row with ``error``."""
+    """Every (system, key) of ``opts``, ``opts.rounds`` times, alternating systems so that
+    slow drifts of the machine hit them alike; one that fails gets a row with ``error``."""
     systems = selected_systems(opts, progress)
     plan = plan_cpus()
-    rows: list[dict[str, Any]] = []
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {(name, key): [] for key in opts.keys
+                                                         for name in systems}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="meshlet-bench-handshake-") as tmp:
         workdir = Path(tmp)
         files = {key: write_key_files(key, workdir) for key in opts.keys}
-        for key in opts.keys:
-            for name in systems:
+        for round_no in range(1, opts.rounds + 1):
+            if opts.rounds > 1:
+                progress(f"round {round_no} of {opts.rounds}")
+            for (name, key), done in runs.items():
+                if any("error" in row for row in done):
+                    continue
                 try:
-                    rows.append(bench_one(name, key, files[key], opts, plan, workdir, progress))
+                    done.append(bench_one(name, key, files[key], opts, plan, workdir, progress))
                 except (ChildError, OSError, ValueError) as exc:
                     progress(f"{name}/{key}: failed: {exc}")
-                    rows.append({"name": name, "key": key, "error": str(exc)})
+                    done.append({"name": name, "key": key, "error": str(exc)})
     progress(f"done in {time.monotonic() - started:.0f} s")
+    rows = [merge_rounds(done) for done in runs.values()]
     return {"rows": rows, "ratios": ratios(rows)}

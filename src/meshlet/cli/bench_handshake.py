@@ -28,10 +28,12 @@ COLUMNS = ("name", "key", "handshakes_per_s", "cpu_us_per_handshake", "p50_ms", 
 @click.option("--warmup", type=click.FloatRange(min=0), help="Warm-up before each window, seconds [2].")
 @click.option("--connections", type=click.IntRange(min=1, max=1024),
               help="Concurrent connections of the load generator [32].")
+@click.option("--rounds", type=click.IntRange(min=1, max=20),
+              help="Measure each row this many times, alternating; report medians [1].")
 @click.option("--skip-missing", is_flag=True, help="Leave out haproxy/nginx rows when not installed.")
 def handshake_bench(as_json: bool, quick: bool, systems: tuple[str, ...], keys: tuple[str, ...],
                     duration: float | None, warmup: float | None, connections: int | None,
-                    skip_missing: bool) -> None:
+                    rounds: int | None, skip_missing: bool) -> None:
     """A new TLS 1.3 connection per request: handshakes/s, server CPU per handshake, p50/p99."""
     from meshlet.bench.handshake import QUICK, HandshakeBenchOptions, run_handshake_bench
     from meshlet.bench.procs import ChildError
@@ -39,7 +41,8 @@ def handshake_bench(as_json: bool, quick: bool, systems: tuple[str, ...], keys: 
     opts = QUICK if quick else HandshakeBenchOptions()
     overrides: dict[str, Any] = {
         "systems": systems or None, "keys": keys or None, "duration_s": duration, "warmup_s": warmup,
-        "connections": connections, "skip_missing": skip_missing or None,
+        "connections": connections, "rounds": rounds,
+        "skip_missing": skip_missing or None,
     }
     opts = replace(opts, **{k: v for k, v in overrides.items() if v is not None})
     try:
