@@ -51,6 +51,15 @@ class ReloadingAuthority:
         return self._authority
 
 
+def ca_service_for(directory: CaDirectory, authority: ReloadingAuthority | None = None) -> CaService:
+    """The CA service of a CA directory, ready to mount in any ``grpc.aio``
+    server (``ca_service_for(CaDirectory(path)).add_to_server(server)``): it
+    follows the directory's changes and redeems tokens from its ``tokens.db``
+    (issue them with ``service.tokens.issue(spiffe_id, ttl=...)``)."""
+    tokens = BootstrapTokens(SqliteTokenStore(directory.file(TOKENS_DB)))
+    return CaService(authority or ReloadingAuthority(directory), tokens, federation=directory.federated_bundles)
+
+
 @dataclass(frozen=True, slots=True)
 class ServingCertificate:
     chain_pem: bytes
@@ -81,8 +90,7 @@ class CaServer:
         self.listen = listen
         self.server_name = server_name
         self.authority = ReloadingAuthority(directory)
-        tokens = BootstrapTokens(SqliteTokenStore(directory.file(TOKENS_DB)))
-        self.service = CaService(self.authority, tokens, federation=directory.federated_bundles)
+        self.service = ca_service_for(directory, self.authority)
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._serving: ServingCertificate | None = None
