@@ -57,7 +57,8 @@ def ca_service_for(directory: CaDirectory, authority: ReloadingAuthority | None 
     follows the directory's changes and redeems tokens from its ``tokens.db``
     (issue them with ``service.tokens.issue(spiffe_id, ttl=...)``)."""
     tokens = BootstrapTokens(SqliteTokenStore(directory.file(TOKENS_DB)))
-    return CaService(authority or ReloadingAuthority(directory), tokens, federation=directory.federated_bundles)
+    authority = authority or ReloadingAuthority(directory)
+    return CaService(authority, tokens, federation=directory.federated_bundles)
 
 
 @dataclass(frozen=True, slots=True)
