@@ -76,21 +76,25 @@ class ConnectionRecord:
         self.finish()
 
 
-class TrackedProtocol(asyncio.Protocol):
-    """Sits in front of the application protocol to see ``connection_lost``.
+class _ConnectionTracking:
+    """What both tracked protocols do: forward the callbacks they do not
+    watch, and see the connection start and end.
 
-    The hot callbacks are bound straight to the application's methods in
-    ``__init__`` (instance attributes shadow these class methods), so reads
-    and writes pay no extra call.
+    The hot callbacks are bound straight to the application's methods
+    (instance attributes shadow the base classes' methods), so reads and
+    writes pay no extra call.
     """
 
-    def __init__(self, app: asyncio.Protocol, record: ConnectionRecord) -> None:
+    _app: asyncio.BaseProtocol
+    _record: ConnectionRecord
+
+    def _bind(self, app: asyncio.Protocol | asyncio.BufferedProtocol, record: ConnectionRecord) -> None:
         self._app = app
         self._record = record
-        self.data_received = app.data_received  # type: ignore[method-assign]
-        self.eof_received = app.eof_received  # type: ignore[method-assign]
-        self.pause_writing = app.pause_writing  # type: ignore[method-assign]
-        self.resume_writing = app.resume_writing  # type: ignore[method-assign]
+        # Declared on the asyncio base class each subclass pairs this with.
+        self.eof_received = app.eof_received
+        self.pause_writing = app.pause_writing
+        self.resume_writing = app.resume_writing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._app.connection_made(transport)
@@ -104,28 +108,21 @@ class TrackedProtocol(asyncio.Protocol):
             self._record.finish()
 
 
-class TrackedBufferedProtocol(asyncio.BufferedProtocol):
+class TrackedProtocol(_ConnectionTracking, asyncio.Protocol):
+    """Sits in front of the application protocol to see ``connection_lost``."""
+
+    def __init__(self, app: asyncio.Protocol, record: ConnectionRecord) -> None:
+        self._bind(app, record)
+        self.data_received = app.data_received  # type: ignore[method-assign]
+
+
+class TrackedBufferedProtocol(_ConnectionTracking, asyncio.BufferedProtocol):
     """``TrackedProtocol`` for application protocols that read into their own buffer."""
 
     def __init__(self, app: asyncio.BufferedProtocol, record: ConnectionRecord) -> None:
-        self._app = app
-        self._record = record
+        self._bind(app, record)
         self.get_buffer = app.get_buffer  # type: ignore[method-assign]
         self.buffer_updated = app.buffer_updated  # type: ignore[method-assign]
-        self.eof_received = app.eof_received  # type: ignore[method-assign]
-        self.pause_writing = app.pause_writing  # type: ignore[method-assign]
-        self.resume_writing = app.resume_writing  # type: ignore[method-assign]
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._app.connection_made(transport)
-        if self._record.draining:
-            self._record.drain_app()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        try:
-            self._app.connection_lost(exc)
-        finally:
-            self._record.finish()
 
 
 class AcceptedConnection(asyncio.Protocol):
