@@ -15,14 +15,18 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from meshlet.xds.cache import DELTA, SOTW, NodeStatus, SnapshotCache
 from meshlet.xds.snapshot import Snapshot
-from meshlet.xds.streams import DeltaStream, SotwStream, StreamError
+from meshlet.xds.streams import DeltaStream, Outgoing, SotwStream, StreamError
 
 log = logging.getLogger(__name__)
 
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+# Responses being handed to gRPC at once, over all streams (see ``_write``).
+MAX_CONCURRENT_WRITES = 64
 # A proxy that sends nothing for this long after opening its stream is dropped.
 FIRST_REQUEST_TIMEOUT = 30.0
 # Keepalive for the server: ADS streams live for hours, and a peer that vanished
@@ -39,16 +43,17 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 class _Stream(Protocol):
     status: NodeStatus
 
-    def on_request(self, request: Any, snapshot: Snapshot | None) -> list[Any]: ...
+    def on_request(self, request: Any, snapshot: Snapshot | None) -> list[Outgoing]: ...
 
-    def on_snapshot(self, snapshot: Snapshot | None) -> list[Any]: ...
+    def on_snapshot(self, snapshot: Snapshot | None) -> list[Outgoing]: ...
 
 
 class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     """SotW and delta ADS over one ``SnapshotCache``."""
 
-    def __init__(self, cache: SnapshotCache) -> None:
+    def __init__(self, cache: SnapshotCache, *, max_concurrent_writes: int = MAX_CONCURRENT_WRITES) -> None:
         self.cache = cache
+        self._writes = asyncio.Semaphore(max_concurrent_writes)
 
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
@@ -98,10 +103,10 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
         changed = asyncio.ensure_future(watch.changed.wait())
         try:
             for response in stream.on_request(first, self.cache.snapshot(group)):
-                await context.write(response)
+                await self._write(context, response)
             while True:
                 await asyncio.wait((next_request, changed), return_when=asyncio.FIRST_COMPLETED)
-                responses: list[Any] = []
+                responses: list[Outgoing] = []
                 if next_request.done():
                     try:
                         request = next_request.result()
@@ -114,7 +119,7 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
                     responses += stream.on_snapshot(self.cache.snapshot(group))
                     changed = asyncio.ensure_future(watch.changed.wait())
                 for response in responses:
-                    await context.write(response)
+                    await self._write(context, response)
         finally:
             watch.close()
             for task in (next_request, changed):
@@ -123,11 +128,36 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
                     await task
 
 
+    async def _write(self, context: grpc.aio.ServicerContext[Any, Any], response: Outgoing) -> None:
+        # A push reaches thousands of streams at once; bounding the writes in flight
+        # bounds the response copies alive at once, and so the control plane's memory.
+        async with self._writes:
+            await context.write(response.encode())
+
+
 def add_ads_servicer(server: grpc.aio.Server, cache: SnapshotCache) -> AggregatedDiscoveryService:
     """Serve ADS from ``cache`` on ``server`` (before ``server.start()``)."""
     servicer = AggregatedDiscoveryService(cache)
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((_handlers(servicer),))
     return servicer
+
+
+def _handlers(servicer: AggregatedDiscoveryService) -> grpc.GenericRpcHandler:
+    """The ADS methods with requests parsed as usual and responses written as the bytes the
+    streams produce: a snapshot's serialized responses are shared by its streams, never
+    re-encoded per proxy."""
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamAggregatedResources,
+            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+            response_serializer=bytes,
+        ),
+        "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+            servicer.DeltaAggregatedResources,
+            request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+            response_serializer=bytes,
+        ),
+    })
 
 
 async def start_ads_server(cache: SnapshotCache, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:

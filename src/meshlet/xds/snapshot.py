@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
@@ -41,6 +42,9 @@ FULL_STATE_TYPES = frozenset({LISTENER, CLUSTER})
 SHORT_NAMES = {LISTENER: "lds", ROUTE: "rds", CLUSTER: "cds", ENDPOINT: "eds", SECRET: "sds"}
 
 _EMPTY: Mapping[str, Resource] = MappingProxyType({})
+# Field 5 (nonce), wire type 2, in both DiscoveryResponse and DeltaDiscoveryResponse.
+_NONCE_TAG = bytes([(5 << 3) | 2])
+_MAX_MEMO = 256
 _DIGEST_CHARS = 16
 
 
@@ -90,10 +94,41 @@ def _check_resource(type_url: str, resource: Resource, named: Mapping[str, Resou
         raise ValueError(f"duplicate {SHORT_NAMES.get(type_url, type_url)} resource {resource.name!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class SotwBody:
+    """A serialized DiscoveryResponse lacking only its nonce (``with_nonce`` appends it)."""
+
+    content: str  # digest of the (name, version) pairs it carries
+    count: int
+    data: bytes
+
+
+def with_nonce(data: bytes, nonce: str) -> bytes:
+    """``data`` (a serialized Discovery or DeltaDiscovery response) with field 5, nonce, set.
+
+    Protobuf messages may be concatenated: appending one field to a serialized
+    message is the same as setting it, so a shared body is never re-encoded.
+    """
+    raw = nonce.encode()
+    return data + _NONCE_TAG + _varint(len(raw)) + raw
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
 class Snapshot:
     """Resources per type URL, each by name; immutable once built."""
 
-    __slots__ = ("_resources", "_versions")
+    __slots__ = ("_memo", "_resources", "_versions")
 
     def __init__(self, resources: Mapping[str, Iterable[Resource]]) -> None:
         by_type: dict[str, Mapping[str, Resource]] = {}
@@ -107,6 +142,8 @@ class Snapshot:
             versions[type_url] = _type_version(named)
         self._resources = by_type
         self._versions = versions
+        # Serialized SotW responses by (type, subscription): streams of one group share them.
+        self._memo: dict[tuple[str, frozenset[str] | None], SotwBody] = {}
 
     @classmethod
     def build(cls, messages: Mapping[str, Iterable[Message]]) -> Snapshot:
@@ -124,6 +161,29 @@ class Snapshot:
 
     def get(self, type_url: str, name: str) -> Resource | None:
         return self.resources(type_url).get(name)
+
+    def sotw_body(self, type_url: str, names: frozenset[str] | None) -> SotwBody:
+        """The SotW response (without its nonce) for a wildcard (``None``) or named subscription."""
+        memo_key = (type_url, names)
+        body = self._memo.get(memo_key)
+        if body is None:
+            body = self._sotw_body(type_url, names)
+            if len(self._memo) < _MAX_MEMO:
+                self._memo[memo_key] = body
+        return body
+
+    def _sotw_body(self, type_url: str, names: frozenset[str] | None) -> SotwBody:
+        available = self.resources(type_url)
+        if names is None:
+            chosen = [available[n] for n in sorted(available)]
+            content = self.version(type_url)
+        else:
+            chosen = [available[n] for n in sorted(names) if n in available]
+            content = _type_version({r.name: r for r in chosen})
+        response = discovery_pb2.DiscoveryResponse(
+            version_info=self.version(type_url), type_url=type_url, resources=[r.body for r in chosen]
+        )
+        return SotwBody(content=content, count=len(chosen), data=response.SerializeToString())
 
     def type_urls(self) -> Iterator[str]:
         return iter(self._resources)

@@ -20,14 +20,15 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
 from meshlet.xds.cache import NodeStatus, SnapshotCache
-from meshlet.xds.snapshot import RESOURCE_TYPES, Resource, Snapshot
+from meshlet.xds.snapshot import RESOURCE_TYPES, Resource, Snapshot, with_nonce
 
 WILDCARD = "*"
 # Requests beyond these bounds are refused: one proxy needs far fewer names.
@@ -35,20 +36,28 @@ MAX_NAMES_PER_REQUEST = 100_000
 MAX_ERROR_DETAIL = 4096
 
 
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One response to send: a serialized body (often shared by every stream of a group)
+    and this stream's nonce, joined only when written (``encode``) so thousands of
+    streams never hold their own copy at once."""
+
+    body: bytes
+    nonce: str
+
+    def encode(self) -> bytes:
+        return with_nonce(self.body, self.nonce)
+
+
 class StreamError(Exception):
     """The peer broke the protocol; the stream ends with INVALID_ARGUMENT."""
 
 
-def _desired(
-    snapshot: Snapshot | None, type_url: str, wildcard: bool, names: set[str]
-) -> dict[str, Resource]:
-    """The resources a subscription selects from ``snapshot``."""
-    if snapshot is None:
-        return {}
-    available = snapshot.resources(type_url)
-    if wildcard:
-        return dict(available)
-    return {name: available[name] for name in names if name in available}
+def _desired(available: Mapping[str, Resource], scope: frozenset[str] | None) -> Mapping[str, Resource]:
+    """The resources a subscription selects: all of them (``scope`` None, a wildcard) or by name."""
+    if scope is None:
+        return available
+    return {name: available[name] for name in scope if name in available}
 
 
 def _check_type(type_url: str) -> None:
@@ -87,25 +96,23 @@ class _Nonces:
 
 @dataclass(slots=True)
 class _SotwType:
-    wildcard: bool = False
-    names: set[str] = field(default_factory=set)
-    # (name, version) pairs of the last response: what the proxy was last sent.
-    sent: frozenset[tuple[str, str]] | None = None
+    scope: frozenset[str] | None = None  # subscribed names; None: wildcard
+    sent: str | None = None  # content digest of the last response
     nonce: str = ""
     version: str = ""
-    # What the last comparison saw: unchanged means nothing to send, without
-    # walking thousands of resources on every push.
-    basis: tuple[str, bool, frozenset[str]] | None = None
+    # (type version, scope) of the last comparison: unchanged means nothing to send.
+    basis: tuple[str, frozenset[str] | None] | None = None
 
 
-def _basis(
-    snapshot: Snapshot, type_url: str, wildcard: bool, names: set[str]
-) -> tuple[str, bool, frozenset[str]]:
-    return (snapshot.version(type_url), wildcard, frozenset(names))
+def _sotw_scope(names: Iterable[str], first: bool, previous: frozenset[str] | None) -> frozenset[str] | None:
+    requested = frozenset(names)
+    if WILDCARD in requested or (not requested and (first or previous is None)):
+        return None
+    return requested
 
 
 class SotwStream:
-    """One state-of-the-world ADS stream of one node."""
+    """One state-of-the-world ADS stream of one node; responses come out serialized."""
 
     def __init__(self, cache: SnapshotCache, status: NodeStatus) -> None:
         self._cache = cache
@@ -115,7 +122,7 @@ class SotwStream:
 
     def on_request(
         self, request: discovery_pb2.DiscoveryRequest, snapshot: Snapshot | None
-    ) -> list[discovery_pb2.DiscoveryResponse]:
+    ) -> list[Outgoing]:
         type_url = request.type_url
         _check_type(type_url)
         if len(request.resource_names) > MAX_NAMES_PER_REQUEST:
@@ -128,19 +135,17 @@ class SotwStream:
             return []  # stale: answers an older response
         if request.response_nonce:
             self._ack_or_nack(request, type_url, state)
-        names = set(request.resource_names)
-        state.wildcard = WILDCARD in names or (not names and (first or state.wildcard))
-        state.names = names - {WILDCARD}
+        state.scope = _sotw_scope(request.resource_names, first, state.scope)
         if first and snapshot is not None and request.version_info == snapshot.version(type_url):
             # The proxy already runs this version (it reconnected): nothing to send.
-            state.sent = self._content(snapshot, type_url, state)
+            state.sent = snapshot.sotw_body(type_url, state.scope).content
             state.version = request.version_info
             self._cache.record_ack(self.status, type_url, request.version_info)
             return []
         response = self._respond(type_url, state, snapshot, force=first)
         return [response] if response is not None else []
 
-    def on_snapshot(self, snapshot: Snapshot | None) -> list[discovery_pb2.DiscoveryResponse]:
+    def on_snapshot(self, snapshot: Snapshot | None) -> list[Outgoing]:
         """The node's snapshot changed: responses for the types whose content did."""
         responses = []
         for type_url in _ordered(self._types):
@@ -154,36 +159,23 @@ class SotwStream:
         acked = request.version_info
         _record_reply(self._cache, self.status, type_url, request, rejected=state.version, acked=acked)
 
-    @staticmethod
-    def _content(snapshot: Snapshot | None, type_url: str, state: _SotwType) -> frozenset[tuple[str, str]]:
-        chosen = _desired(snapshot, type_url, state.wildcard, state.names)
-        return frozenset((name, r.version) for name, r in chosen.items())
-
     def _respond(
         self, type_url: str, state: _SotwType, snapshot: Snapshot | None, *, force: bool
-    ) -> discovery_pb2.DiscoveryResponse | None:
+    ) -> Outgoing | None:
         if snapshot is None:
             return None
-        basis = _basis(snapshot, type_url, state.wildcard, state.names)
+        basis = (snapshot.version(type_url), state.scope)
         if basis == state.basis and not force:
             return None
         state.basis = basis
-        chosen = _desired(snapshot, type_url, state.wildcard, state.names)
-        content = frozenset((name, r.version) for name, r in chosen.items())
-        if content == state.sent and not force:
+        body = snapshot.sotw_body(type_url, state.scope)
+        if not force and (body.content == state.sent or (body.count == 0 and state.sent is None)):
             return None
-        if not content and state.sent is None and not state.wildcard and not force:
-            return None
-        state.sent = content
+        state.sent = body.content
         state.version = snapshot.version(type_url)
         state.nonce = self._nonces.next()
         self._cache.record_sent(self.status, type_url, state.version, state.nonce)
-        return discovery_pb2.DiscoveryResponse(
-            version_info=state.version,
-            type_url=type_url,
-            nonce=state.nonce,
-            resources=[chosen[name].body for name in sorted(chosen)],
-        )
+        return Outgoing(body.data, state.nonce)
 
 
 # --------------------------------------------------------------------------- #
@@ -194,16 +186,79 @@ class SotwStream:
 @dataclass(slots=True)
 class _DeltaType:
     wildcard: bool = False
-    names: set[str] = field(default_factory=set)
-    # name -> version the proxy has (sent to it, or declared on reconnect).
-    known: dict[str, str] = field(default_factory=dict)
+    names: frozenset[str] = frozenset()  # explicit subscriptions
+    # What the proxy has: the resources of ``base`` (a snapshot's mapping) within
+    # ``base_scope``, except where ``overrides`` says otherwise (None: it has none).
+    # Sharing the snapshot's mapping keeps thousands of streams from each holding
+    # a copy of every name and version.
+    base: Mapping[str, Resource] | None = None
+    base_scope: frozenset[str] | None = None
+    overrides: dict[str, str | None] = field(default_factory=dict)
     nonce: str = ""
     version: str = ""
     basis: tuple[str, bool, frozenset[str]] | None = None
 
+    @property
+    def scope(self) -> frozenset[str] | None:
+        return None if self.wildcard else self.names
+
+    def known(self, name: str) -> str | None:
+        if name in self.overrides:
+            return self.overrides[name]
+        base = self.base
+        if base is not None and name in base and (self.base_scope is None or name in self.base_scope):
+            return base[name].version
+        return None
+
+    def held(self) -> set[str]:
+        """Every name the proxy has."""
+        names = {n for n, v in self.overrides.items() if v is not None}
+        if self.base is not None:
+            scoped = self.base.keys() if self.base_scope is None else self.base_scope & self.base.keys()
+            names.update(n for n in scoped if n not in self.overrides)
+        return names
+
+
+@dataclass(frozen=True, slots=True)
+class _Delta:
+    updated: tuple[Resource, ...]
+    removed: tuple[str, ...]
+
+
+class _DeltaMemo:
+    """Diffs between two snapshot mappings for one scope, shared by every stream that
+    moves between the same two (all the proxies of a group, on each push)."""
+
+    def __init__(self, size: int = 128) -> None:
+        self._size = size
+        self._entries: OrderedDict[tuple[int, int, frozenset[str] | None], tuple[object, object, _Delta]] = (
+            OrderedDict()
+        )
+
+    def get(
+        self, old: Mapping[str, Resource], new: Mapping[str, Resource], scope: frozenset[str] | None
+    ) -> _Delta | None:
+        entry = self._entries.get((id(old), id(new), scope))
+        # The entry holds both mappings, so their ids cannot be reused while it lives.
+        return entry[2] if entry is not None and entry[0] is old and entry[1] is new else None
+
+    def put(
+        self,
+        old: Mapping[str, Resource],
+        new: Mapping[str, Resource],
+        scope: frozenset[str] | None,
+        delta: _Delta,
+    ) -> None:
+        self._entries[(id(old), id(new), scope)] = (old, new, delta)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+_MEMO = _DeltaMemo()
+
 
 class DeltaStream:
-    """One incremental (delta) ADS stream of one node."""
+    """One incremental (delta) ADS stream of one node; responses come out serialized."""
 
     def __init__(self, cache: SnapshotCache, status: NodeStatus) -> None:
         self._cache = cache
@@ -213,7 +268,7 @@ class DeltaStream:
 
     def on_request(
         self, request: discovery_pb2.DeltaDiscoveryRequest, snapshot: Snapshot | None
-    ) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+    ) -> list[Outgoing]:
         type_url = request.type_url
         _check_type(type_url)
         changes = len(request.resource_names_subscribe) + len(request.resource_names_unsubscribe)
@@ -229,7 +284,7 @@ class DeltaStream:
         response = self._respond(type_url, state, snapshot)
         return [response] if response is not None else []
 
-    def on_snapshot(self, snapshot: Snapshot | None) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+    def on_snapshot(self, snapshot: Snapshot | None) -> list[Outgoing]:
         responses = []
         for type_url in _ordered(self._types):
             response = self._respond(type_url, self._types[type_url], snapshot)
@@ -239,26 +294,25 @@ class DeltaStream:
 
     @staticmethod
     def _first(request: discovery_pb2.DeltaDiscoveryRequest) -> _DeltaType:
-        names = set(request.resource_names_subscribe)
+        names = frozenset(request.resource_names_subscribe)
         return _DeltaType(
             wildcard=not names or WILDCARD in names,
             names=names - {WILDCARD},
-            known=dict(request.initial_resource_versions),
+            overrides=dict(request.initial_resource_versions),
         )
 
     @staticmethod
     def _resubscribe(request: discovery_pb2.DeltaDiscoveryRequest, state: _DeltaType) -> None:
-        subscribe = set(request.resource_names_subscribe)
-        unsubscribe = set(request.resource_names_unsubscribe)
+        subscribe = frozenset(request.resource_names_subscribe)
+        unsubscribe = frozenset(request.resource_names_unsubscribe)
         if WILDCARD in subscribe:
             state.wildcard = True
         if WILDCARD in unsubscribe:
             state.wildcard = False
-        state.names |= subscribe - {WILDCARD}
-        state.names -= unsubscribe
-        for name in unsubscribe:
+        state.names = (state.names | (subscribe - {WILDCARD})) - unsubscribe
+        for name in unsubscribe - {WILDCARD}:
             # The proxy drops what it unsubscribed from; resubscribing fetches it anew.
-            state.known.pop(name, None)
+            state.overrides[name] = None
 
     def _ack_or_nack(
         self, request: discovery_pb2.DeltaDiscoveryRequest, type_url: str, state: _DeltaType
@@ -266,44 +320,47 @@ class DeltaStream:
         version = state.version
         _record_reply(self._cache, self.status, type_url, request, rejected=version, acked=version)
 
-    def _respond(
-        self, type_url: str, state: _DeltaType, snapshot: Snapshot | None
-    ) -> discovery_pb2.DeltaDiscoveryResponse | None:
+    def _respond(self, type_url: str, state: _DeltaType, snapshot: Snapshot | None) -> Outgoing | None:
         if snapshot is None:
             return None
-        basis = _basis(snapshot, type_url, state.wildcard, state.names)
+        basis = (snapshot.version(type_url), state.wildcard, state.names)
         if basis == state.basis:
             return None
         state.basis = basis
-        desired = _desired(snapshot, type_url, state.wildcard, state.names)
-        updated = [r for name, r in sorted(desired.items()) if state.known.get(name) != r.version]
-        removed = self._removed(state, desired)
-        if not updated and not removed:
+        available = snapshot.resources(type_url)
+        delta = self._delta(state, available)
+        state.base, state.base_scope, state.overrides = available, state.scope, {}
+        if not delta.updated and not delta.removed:
             return None
-        for resource in updated:
-            state.known[resource.name] = resource.version
-        for name in removed:
-            del state.known[name]
         state.version = snapshot.version(type_url)
         state.nonce = self._nonces.next()
         self._cache.record_sent(self.status, type_url, state.version, state.nonce)
-        return discovery_pb2.DeltaDiscoveryResponse(
+        response = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=state.version,
             type_url=type_url,
-            nonce=state.nonce,
             resources=[
-                discovery_pb2.Resource(name=r.name, version=r.version, resource=r.body) for r in updated
+                discovery_pb2.Resource(name=r.name, version=r.version, resource=r.body) for r in delta.updated
             ],
-            removed_resources=removed,
+            removed_resources=delta.removed,
         )
+        return Outgoing(response.SerializeToString(), state.nonce)
 
     @staticmethod
-    def _removed(state: _DeltaType, desired: Mapping[str, Resource]) -> list[str]:
-        """Names the proxy has that are gone (wildcard) or gone while subscribed (named)."""
-        return sorted(
-            name for name in state.known
-            if name not in desired and (state.wildcard or name in state.names)
-        )
+    def _delta(state: _DeltaType, available: Mapping[str, Resource]) -> _Delta:
+        """What to send: through the memo when the proxy holds exactly an earlier snapshot."""
+        scope = state.scope
+        shareable = state.base is not None and not state.overrides and state.base_scope == scope
+        if shareable and state.base is not None:
+            cached = _MEMO.get(state.base, available, scope)
+            if cached is not None:
+                return cached
+        desired = _desired(available, scope)
+        updated = tuple(r for name, r in sorted(desired.items()) if state.known(name) != r.version)
+        removed = tuple(sorted(n for n in state.held() if n not in desired and (scope is None or n in scope)))
+        delta = _Delta(updated, removed)
+        if shareable and state.base is not None:
+            _MEMO.put(state.base, available, scope, delta)
+        return delta
 
 
 def _ordered(types: Mapping[str, object]) -> list[str]:
