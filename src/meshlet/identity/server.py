@@ -40,15 +40,27 @@ class ReloadingAuthority:
         self.directory = directory
         self._stamp = directory.stamp()
         self._authority = directory.authority()
+        self._previous: CertificateAuthority | None = None
 
     def __call__(self) -> CertificateAuthority:
         stamp = self.directory.stamp()
         if stamp != self._stamp:
-            self._authority = self.directory.authority()
+            fresh = self.directory.authority()
+            # The key of the authority before the one being replaced is closed
+            # now, a whole reload later, so no issuance is still signing with it.
+            if self._previous is not None and self._previous.key is not fresh.key:
+                _close_key(self._previous)
+            self._previous, self._authority = self._authority, fresh
             self._stamp = stamp
             roots = len(self._authority.bundle.roots)
             log.info("CA directory changed; reloaded (trust bundle: %d roots)", roots)
         return self._authority
+
+
+def _close_key(authority: CertificateAuthority) -> None:
+    close = getattr(authority.key, "close", None)
+    if callable(close):
+        close()
 
 
 def ca_service_for(directory: CaDirectory, authority: ReloadingAuthority | None = None) -> CaService:
