@@ -50,7 +50,6 @@ from meshlet.proxy.http.stream import (
 
 log = logging.getLogger(__name__)
 
-_H2_DEFAULT_WINDOW = 65535
 _HIGHEST_STREAM_ID = 2**31 - 1
 _STREAMS_BEFORE_SETTINGS = 100
 DEFAULT_BUFFER_LIMIT = 1024 * 1024
@@ -255,12 +254,7 @@ class H2ClientConnection(H2Endpoint):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        conn = self._conn
-        conn.initiate_connection()
-        extra = self._connection_window - _H2_DEFAULT_WINDOW
-        if extra > 0:
-            conn.increment_flow_control_window(extra)
-        self.flush()
+        self.send_preface(self._connection_window)
 
     def data_received(self, data: bytes) -> None:
         if self._closed or self._transport is None or self._transport.is_closing():
@@ -312,10 +306,7 @@ class H2ClientConnection(H2Endpoint):
         elif isinstance(event, StreamEnded):
             self._on_response_end(event.stream_id)
         elif isinstance(event, WindowUpdated):
-            if event.stream_id == 0:
-                self.wake_all_windows()
-            else:
-                self.wake_window(event.stream_id)
+            self.window_updated(event.stream_id)
         elif isinstance(event, H2StreamReset):
             self._on_reset(event)
         elif isinstance(event, RemoteSettingsChanged):

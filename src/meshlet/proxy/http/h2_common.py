@@ -43,6 +43,10 @@ _FLUSH_NOW = 16 * 1024
 
 _UNLIMITED_STREAMS = 2**32 + 1
 
+# The connection flow-control window every HTTP/2 connection starts with
+# (RFC 9113 §6.9.2); SETTINGS cannot change it, only WINDOW_UPDATE.
+_INITIAL_CONNECTION_WINDOW = 65535
+
 
 def error_name(code: int) -> str:
     """HTTP/2 error code → its RFC name ("CANCEL"); unknown codes keep their number."""
@@ -270,6 +274,16 @@ class H2Endpoint(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         self._loop = asyncio.get_running_loop()
 
+    def send_preface(self, connection_window: int) -> None:
+        """Send our preface (SETTINGS) and open the connection window to
+        ``connection_window``, then write it out."""
+        conn = self._conn
+        conn.initiate_connection()
+        extra = connection_window - _INITIAL_CONNECTION_WINDOW
+        if extra > 0:
+            conn.increment_flow_control_window(extra)
+        self.flush()
+
     def pause_writing(self) -> None:
         if self._writable is None and self._loop is not None:
             self._writable = self._loop.create_future()
@@ -379,6 +393,14 @@ class H2Endpoint(asyncio.Protocol):
             self.schedule_flush()
         state.fail(error)
         self.wake_window(state.stream_id)
+
+    def window_updated(self, stream_id: int) -> None:
+        """A WINDOW_UPDATE arrived: stream 0 is the connection's window, which
+        every waiting stream may use."""
+        if stream_id == 0:
+            self.wake_all_windows()
+        else:
+            self.wake_window(stream_id)
 
     def wake_window(self, stream_id: int) -> None:
         waiter = self._window_waiters.pop(stream_id, None)

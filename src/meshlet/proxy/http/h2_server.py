@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 DownstreamHandler = Callable[[DownstreamStream], Awaitable[None]]
 
-_H2_DEFAULT_WINDOW = 65535
 
 # Envoy's rule against CVE-2023-44487 ("rapid reset"): once a connection has
 # opened this many streams, it is closed if the client reset at least half of
@@ -234,12 +233,7 @@ class H2ServerProtocol(H2Endpoint):
         super().connection_made(transport)
         assert self._loop is not None
         self._closed_future = self._loop.create_future()
-        conn = self._conn
-        conn.initiate_connection()
-        extra = self.settings.initial_connection_window_size - _H2_DEFAULT_WINDOW
-        if extra > 0:
-            conn.increment_flow_control_window(extra)
-        self.flush()
+        self.send_preface(self.settings.initial_connection_window_size)
         self._arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -319,10 +313,7 @@ class H2ServerProtocol(H2Endpoint):
         elif isinstance(event, TrailersReceived):
             self._on_request_end(event.stream_id, decode_fields(event.headers))
         elif isinstance(event, WindowUpdated):
-            if event.stream_id == 0:
-                self.wake_all_windows()
-            else:
-                self.wake_window(event.stream_id)
+            self.window_updated(event.stream_id)
         elif isinstance(event, H2StreamReset):
             self._on_reset(event)
         elif isinstance(event, RemoteSettingsChanged):
