@@ -83,7 +83,8 @@ async def test_proxy_follows_ads(tmp_path: Path, upstreams: dict[str, int], delt
                     return (await http.get(url)).text == name
                 return check
 
-            await eventually(await answers("A"), "first config over ADS")
+            # Ready means configured: the proxy waited for its first config over ADS.
+            assert (await http.get(url)).text == "A"
             status = cache.node_status(NODE)
             assert status is not None and status.protocol == ("delta" if delta else "sotw")
             assert await cache.wait_for(status.synced, 5)

@@ -228,31 +228,47 @@ async def serve(
     config = load_proxy_config(str(config_path), settings_overrides={k: v for k, v in overrides.items() if v})
     proxy = Proxy(_settings(config, overrides, drain_time), admin_port=admin_port)
     proxy.install_signal_handlers()
+    xds: asyncio.Task[None] | None = None
     try:
         await proxy.apply(config)
+        xds = await _start_xds(proxy, config)
         await proxy.start()
     except BaseException:
+        await _stop_xds(xds)
         await proxy.stop()
         raise
     for name in config.listeners:
         log.info("listener %s on %s", name, proxy.listeners.address(name))
-    xds = _start_xds(proxy, config)
     try:
         await proxy.wait_stopped()
     finally:
-        if xds is not None:
-            xds.cancel()
-            await asyncio.gather(xds, return_exceptions=True)
+        await _stop_xds(xds)
 
 
-def _start_xds(proxy: Proxy, config: ProxyConfig) -> asyncio.Task[None] | None:
-    """With ``dynamic_resources`` in the bootstrap: the ADS client, in the background."""
+# How long a proxy with dynamic_resources waits for its first config over ADS before
+# it starts anyway (Envoy's initial_fetch_timeout default).
+INITIAL_FETCH_TIMEOUT = 15.0
+
+
+async def _start_xds(proxy: Proxy, config: ProxyConfig) -> asyncio.Task[None] | None:
+    """With ``dynamic_resources`` in the bootstrap: the ADS client in the background, and
+    a (bounded) wait for its first complete config so the proxy is ready when it is live."""
     if config.ads is None:
         return None
     from meshlet.xds.client import AdsClient, run_client
 
     client = AdsClient(proxy, config)
-    return asyncio.get_running_loop().create_task(run_client(client))
+    task = asyncio.get_running_loop().create_task(run_client(client))
+    if not await client.wait_initialized(INITIAL_FETCH_TIMEOUT):
+        log.warning("no complete config over ADS within %s s; starting with what there is",
+                    INITIAL_FETCH_TIMEOUT)
+    return task
+
+
+async def _stop_xds(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def run(

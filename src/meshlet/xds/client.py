@@ -120,6 +120,9 @@ class AdsClient:
         self._accepted_versions: dict[str, str] = {}
         self._outbox: asyncio.Queue[Any] | None = None
         self.connected = asyncio.Event()
+        # Set once the first listeners and clusters, and all they name, are applied.
+        self.initialized = asyncio.Event()
+        self._received_types: set[str] = set()
         self.responses_handled = 0
 
     # -- lifecycle ------------------------------------------------------------ #
@@ -246,6 +249,7 @@ class AdsClient:
             response_nonce=state.nonce,
         ))
         self._follow_references()
+        self._note_applied(type_url)
 
     def _nack_sotw(self, type_url: str, state: _TypeState, exc: ConfigError) -> None:
         log.warning("rejected %s from %s: %s", short(type_url), self._address, exc)
@@ -277,6 +281,7 @@ class AdsClient:
             return
         self._send(discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=response.nonce))
         self._follow_references()
+        self._note_applied(type_url)
 
     async def _apply(self, candidate: dict[str, dict[str, Received]]) -> None:
         """Build and apply; any failure becomes a ConfigError (a NACK) and changes nothing."""
@@ -288,6 +293,26 @@ class AdsClient:
         except Exception as exc:  # a listener that cannot bind, a socket error: the proxy's reason
             raise ConfigError("", f"cannot apply: {exc}") from exc
         self.assembler.commit(candidate, config)
+
+    def _note_applied(self, type_url: str) -> None:
+        self._received_types.add(type_url)
+        if self.initialized.is_set():
+            return
+        needed = [t for t, on in ((LISTENER, self._ads.lds), (CLUSTER, self._ads.cds)) if on]
+        if not all(t in self._received_types for t in needed):
+            return
+        wanted = self.assembler.wanted(self.assembler.accepted)
+        if all(wanted[t] <= self.assembler.accepted.get(t, {}).keys() for t in REFERENCED_TYPES):
+            self.initialized.set()
+
+    async def wait_initialized(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) for the first complete config; False if it did not come."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.initialized.wait()
+        except TimeoutError:
+            return False
+        return True
 
 
 def _decode(type_url: str, items: list[tuple[str | None, Any]]) -> dict[str, Message]:
