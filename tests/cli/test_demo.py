@@ -1,4 +1,4 @@
-"""``meshlet demo``: config port remapping, and one full round from the command line."""
+"""``meshlet demo --proxy``: config port remapping, and one full round from the command line."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_prepare_config_writes_a_runnable_copy(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_once_from_the_command_line() -> None:
     env = {**os.environ, "CI": "1"}
-    done = subprocess.run([sys.executable, "-m", "meshlet.cli.main", "demo", "--requests", "60"],
+    done = subprocess.run([sys.executable, "-m", "meshlet.cli.main", "demo", "--proxy", "--requests", "60"],
                           capture_output=True, text=True, timeout=90, env=env, check=False)
     assert done.returncode == 0, done.stderr + done.stdout
     out = done.stdout
@@ -68,7 +68,7 @@ def test_interactive_demo_runs_until_ctrl_c_and_stops_everything(stop_signal: si
 
     primary, secondary = pty.openpty()
     env = {k: v for k, v in os.environ.items() if k != "CI"}
-    proc = subprocess.Popen([sys.executable, "-m", "meshlet.cli.main", "demo", "--requests", "20"],
+    proc = subprocess.Popen([sys.executable, "-m", "meshlet.cli.main", "demo", "--proxy", "--requests", "20"],
                             stdin=secondary, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     os.close(secondary)
     output = b""

@@ -1,10 +1,20 @@
-"""``meshlet demo``: the sample app behind the proxy, traffic through it, and what it saw.
+"""``meshlet demo`` (``make demo``): bookinfo on the whole mesh, scenario by scenario.
 
-Starts ``examples/apps/upstream.py`` and ``meshlet proxy`` on
+By default: the mesh comes up in a fresh state directory (control plane on
+SQLite, ingress gateway), bookinfo's six workloads run beside their sidecars,
+and Istio's traffic-management scenarios are applied one by one (all v1,
+jason to v2, a 7 s ratings delay for jason, 50/50 v1/v3, mirroring v1 to v2,
+mTLS STRICT); after each, traffic goes through the ingress gateway and the
+response mix per reviews version and the latencies are printed (see
+``meshlet.mesh.demo``). ``--proxy``: the single-proxy demo below.
+
+``--proxy`` starts ``examples/apps/upstream.py`` and ``meshlet proxy`` on
 ``examples/demo/proxy.yaml`` (ports that are taken are swapped for free ones),
 sends a mix of requests (routed, direct_response, no route, delayed, upstream
 503, route timeout), prints the status mix, latencies and headline stats from
-the admin endpoint, then keeps running until Ctrl-C. ``--once`` (or no
+the admin endpoint.
+
+Either keeps running until Ctrl-C. ``--once`` (or no
 terminal on stdin, or ``CI`` set) stops after one round. Every process it
 starts is stopped before it returns.
 """
@@ -185,18 +195,32 @@ def run_round(console: Console, ports: DemoPorts, total: int) -> None:
 
 @click.command()
 @click.option("--once", is_flag=True,
-              help="Exit after one round of traffic (implied without a terminal or with CI set).")
+              help="Exit after one pass (implied without a terminal or with CI set).")
+@click.option("--proxy", "proxy_only", is_flag=True,
+              help="Only the proxy in front of a sample app (no control plane, static config).")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Bootstrap to run instead of examples/demo/proxy.yaml.")
-@click.option("--requests", "total", type=click.IntRange(10, 100_000), default=300, show_default=True,
-              help="Requests per round.")
+              help="With --proxy: a bootstrap to run instead of examples/demo/proxy.yaml.")
+@click.option("--requests", "total", type=click.IntRange(10, 100_000),
+              help="Requests per round (--proxy) [300], or page views per user and scenario [60].")
 @click.option("--log-level", type=click.Choice(LEVEL_NAMES, case_sensitive=False), default="warning",
-              show_default=True, help="The proxy's log level.")
-def demo(once: bool, config_path: Path | None, total: int, log_level: str) -> None:
-    """Run the sample app behind the proxy, send traffic through, show what it saw."""
+              show_default=True, help="The proxy's log level (--proxy).")
+def demo(once: bool, proxy_only: bool, config_path: Path | None, total: int | None, log_level: str) -> None:
+    """Run bookinfo on the mesh and walk through traffic scenarios (--proxy: one proxy only)."""
     console = Console()
     if not console.is_terminal:
         console = Console(width=WIDE_OUTPUT)  # logs and CI: don't wrap the tables at 80 columns
+    if proxy_only:
+        proxy_demo(console, once, config_path, total or 300, log_level)
+    else:
+        from meshlet.mesh.demo import DemoError, mesh_demo
+
+        try:
+            mesh_demo(console, interactive(once), total or 60)
+        except DemoError as exc:
+            raise CliError(str(exc), EXIT_RUNTIME) from None
+
+
+def proxy_demo(console: Console, once: bool, config_path: Path | None, total: int, log_level: str) -> None:
     try:
         source = config_path or example_path(DEMO_CONFIG)
     except ChildError as exc:

@@ -19,7 +19,7 @@ from meshlet.cli.lazy import LazyCommand, LazyGroup
 COMMANDS: dict[str, LazyCommand] = {
     "version": LazyCommand("meshlet.cli.version:version", "Show the meshlet version and its components."),
     "proxy": LazyCommand("meshlet.cli.proxy:proxy", "Run the proxy on an Envoy v3 bootstrap file."),
-    "demo": LazyCommand("meshlet.cli.demo:demo", "Run the sample app behind the proxy and show it working."),
+    "demo": LazyCommand("meshlet.cli.demo:demo", "Bookinfo on the mesh, scenario by scenario (make demo)."),
     "bench": LazyCommand("meshlet.cli.bench:bench", "Run a benchmark experiment (meshlet bench --help)."),
     "doctor": LazyCommand("meshlet.cli.doctor:doctor", "Check Python, event loop, regex engines, crypto_mb."),
     "keyserver": LazyCommand("meshlet.cli.keyserver:keyserver", "Run the key server; manage its keys."),

@@ -45,12 +45,18 @@ _SERVERS: weakref.WeakKeyDictionary[ControlPlane, StatusServer] = weakref.WeakKe
 
 
 def sync_status(pusher: ConfigPusher) -> dict[str, object]:
-    """Every proxy's sync state with its translation notes, JSON-ready."""
+    """Every proxy's sync state with its translation notes, JSON-ready. ``current``: the
+    proxy has ACKed, for every type, the version of the snapshot the cache now holds
+    for it (``synced`` only says it ACKed what was last sent)."""
     notes = pusher.statuses()
     nodes = []
     for status in sorted(pusher.cache.status(), key=lambda s: s.node_id):
         entry = status.as_dict()
         entry["notes"] = notes.get(status.node_id, {}).get("notes", [])
+        snapshot = pusher.cache.snapshot(status.group)
+        entry["current"] = snapshot is not None and all(
+            status.types.get(t) is not None and status.types[t].acked_version == snapshot.version(t)
+            for t in snapshot.type_urls())
         nodes.append(entry)
     return {"revision": pusher.resources.revision, "rebuilds": pusher.rebuilds, "nodes": nodes}
 
