@@ -6,13 +6,14 @@ import asyncio
 import json
 import shutil
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import uvloop
+from codec_helpers import MemoryTransport
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -789,49 +790,6 @@ async def test_slow_handler_keeps_request_body_bounded() -> None:
 
 
 # -- whatever a client sends --------------------------------------------------------- #
-
-
-class MemoryTransport(asyncio.Transport):
-    """Collects what the codec writes; enough of a transport for data_received."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.closing = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out += data
-
-    def writelines(self, parts: Iterable[bytes | bytearray | memoryview]) -> None:
-        for part in parts:
-            self.out += part
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
 
 
 FRAGMENTS = [

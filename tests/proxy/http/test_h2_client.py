@@ -18,6 +18,7 @@ import h2.config
 import h2.events
 import hpack
 import pytest
+from codec_helpers import MemoryTransport
 from h2.settings import SettingCodes
 from hyperframe.frame import SettingsFrame
 from hypothesis import given, settings
@@ -557,24 +558,6 @@ async def test_grpcio_server_unary_streaming_and_status_trailers() -> None:
             conn.close()
 
 
-class MemoryTransport:
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-
 _RESPONSE_BLOCK = hpack.Encoder().encode([(":status", "200"), ("grpc-status", "0")])
 
 
@@ -594,7 +577,7 @@ def test_random_upstream_frames_fail_streams_cleanly(frames: list[tuple[int, int
     async def feed() -> None:
         conn = H2ClientConnection()
         transport = MemoryTransport()
-        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn.connection_made(transport)
         pending = asyncio.create_task(conn.request(get("/"), None))
         await asyncio.sleep(0)
         data = SettingsFrame(0).serialize()
@@ -615,7 +598,7 @@ def test_random_upstream_frames_fail_streams_cleanly(frames: list[tuple[int, int
 
 async def test_assumes_at_most_100_streams_until_the_peer_settings_arrive() -> None:
     conn = H2ClientConnection()
-    conn.connection_made(MemoryTransport())  # type: ignore[arg-type]
+    conn.connection_made(MemoryTransport())
     pending = [asyncio.create_task(conn.request(get(f"/{i}"), None)) for i in range(100)]
     await asyncio.sleep(0)
     assert conn.active_requests == 100 and not conn.available

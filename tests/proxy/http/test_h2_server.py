@@ -17,6 +17,7 @@ import h2.connection
 import h2.events
 import hpack
 import pytest
+from codec_helpers import MemoryTransport
 from hyperframe.frame import GoAwayFrame, PingFrame, RstStreamFrame, SettingsFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -618,31 +619,6 @@ def test_serves_under_uvloop() -> None:
     uvloop.run(scenario())
 
 
-class MemoryTransport:
-    """Just enough of a transport to drive the protocol in memory."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    abort = close
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return default
-
-
 _REQUEST_BLOCK = hpack.Encoder().encode(
     [(":method", "POST"), (":scheme", "http"), (":path", "/"), (":authority", "f")]
 )
@@ -662,7 +638,7 @@ def test_random_frames_never_escape_data_received(frames: list[tuple[int, int, i
         info = ConnectionInfo(peer=("127.0.0.1", 0), local=("127.0.0.1", 0))
         proto = H2ServerProtocol(hello, info, CodecSettings())
         transport = MemoryTransport()
-        proto.connection_made(transport)  # type: ignore[arg-type]
+        proto.connection_made(transport)
         data = PREFACE + SettingsFrame(0).serialize()
         for ftype, flags, sid, payload in frames:
             data += len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
@@ -704,7 +680,7 @@ async def test_ping_flood_from_a_peer_that_does_not_read_is_cut_off() -> None:
     proto = H2ServerProtocol(hello, info, CodecSettings())
     proto.paused_reply_limit = 64 * 1024
     transport = MemoryTransport()
-    proto.connection_made(transport)  # type: ignore[arg-type]
+    proto.connection_made(transport)
     proto.data_received(PREFACE + SettingsFrame(0).serialize())
     proto.pause_writing()  # the peer stopped reading
     ping = PingFrame(0, opaque_data=b"12345678").serialize()
