@@ -125,3 +125,18 @@ def test_check_snapshot_compiles_and_resolves_references() -> None:
     dangling = Snapshot.build({LISTENER: [http_listener("http", 18080, "r1")]})
     with pytest.raises(ConfigError, match=r'rds\["r1"\]: is referred to but not in the snapshot'):
         check_snapshot(dangling)
+
+
+def test_dynamic_resources_need_a_node_id() -> None:
+    data = dynamic_bootstrap("n1", 15010, 0)
+    del data["node"]
+    with pytest.raises(ConfigError, match=r"node\.id: is required with dynamic_resources"):
+        compile_bootstrap(parse_bootstrap_text(yaml.safe_dump(data)))
+    data = dynamic_bootstrap("n1", 15010, 0)
+    data["dynamic_resources"]["ads_config"]["grpc_services"][0]["envoy_grpc"]["cluster_name"] = "nope"
+    with pytest.raises(ConfigError, match="'nope' is not a static cluster"):
+        compile_bootstrap(parse_bootstrap_text(yaml.safe_dump(data)))
+    data = dynamic_bootstrap("n1", 15010, 0)
+    data["dynamic_resources"]["lds_config"] = {"path_config_source": {"path": "/tmp/x"}}
+    with pytest.raises(ConfigError, match="only ads config sources"):
+        compile_bootstrap(parse_bootstrap_text(yaml.safe_dump(data)))

@@ -106,6 +106,8 @@ def compile_bootstrap(bootstrap: Any, *, settings_overrides: Mapping[str, str] |
     if bootstrap.HasField("dynamic_resources"):
         ads = compile_dynamic_resources(bootstrap.dynamic_resources, "dynamic_resources", clusters)
     node_id, node_cluster = _node(bootstrap)
+    if ads is not None and not node_id:
+        raise ConfigError("node.id", "is required with dynamic_resources (proxies are known by it)")
     return ProxyConfig(
         listeners=listeners,
         clusters=clusters,

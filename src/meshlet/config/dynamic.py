@@ -73,9 +73,9 @@ def compile_dynamic_resources(msg: Any, path: str, clusters: Mapping[str, Cluste
 
 def check_ads_source(msg: Any, path: str) -> None:
     """A ConfigSource must be ``ads`` (the aggregated stream)."""
-    check_fields(msg, path)
     if msg.WhichOneof("config_source_specifier") != "ads":
         raise UnsupportedConfig(path, "only ads config sources are supported (set ads: {})")
+    check_fields(msg, path)
     check_enum(msg, "resource_api_version", path, ("AUTO", "V3"))
 
 
