@@ -1,5 +1,6 @@
 """What the HTTP codec tests share: an in-memory transport for feeding a
-codec arbitrary bytes without a socket."""
+codec arbitrary bytes without a socket, and running a client tool (curl,
+h2load, nghttp) with a deadline."""
 
 from __future__ import annotations
 
@@ -48,3 +49,21 @@ class MemoryTransport(asyncio.Transport):
 
     def write_eof(self) -> None:
         pass
+
+
+async def run(*argv: str, timeout: float = 8.0, stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
+    """Run a tool to completion; killed (and reaped) if it outlives ``timeout``."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out, err

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvloop
-from codec_helpers import MemoryTransport
+from codec_helpers import MemoryTransport, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -368,17 +368,10 @@ async def test_expect_100_continue_with_curl(tmp_path: Path) -> None:
         await stream.send_data(out, end_stream=True)
 
     async with serve(count) as srv:
-        proc = await asyncio.create_subprocess_exec(
+        _, out, err = await run(
             "curl", "-sS", "--max-time", "5", "-H", "Expect: 100-continue", "--data-binary", f"@{upload}",
             f"http://127.0.0.1:{srv.port}/upload",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), 8)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
         assert out == f"{len(payload)} True".encode(), err
         assert not any(k == "expect" for k, _ in seen[0][1])
 
@@ -393,16 +386,9 @@ async def test_curl_reuses_the_connection_and_reads_chunked() -> None:
 
     async with serve(chunky) as srv:
         url = f"http://127.0.0.1:{srv.port}"
-        proc = await asyncio.create_subprocess_exec(
+        _, out, err = await run(
             "curl", "-sS", "-v", "--max-time", "5", f"{url}/one", f"{url}/two",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), 8)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
         assert out == b"/one!/two!"
         assert b"Re-using existing connection" in err
         assert len(srv.protocols) == 1
@@ -412,17 +398,10 @@ async def test_curl_reuses_the_connection_and_reads_chunked() -> None:
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load not installed")
 async def test_h2load_pipelines_http1_requests() -> None:
     async with serve(echo) as srv:
-        proc = await asyncio.create_subprocess_exec(
+        _, out, err = await run(
             "h2load", "--h1", "-n", "2000", "-c", "4", "-m", "10", "-T", "5",
             f"http://127.0.0.1:{srv.port}/pipelined",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), 8)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
         report = out.decode()
         assert "2000 succeeded, 0 failed, 0 errored" in report, report + err.decode()
         assert "status codes: 2000 2xx" in report
@@ -528,18 +507,11 @@ async def test_h2c_upgrade_offer_is_declined_and_served_over_http1() -> None:
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 async def test_curl_h2c_offer_gets_http1() -> None:
     async with serve(echo) as srv:
-        proc = await asyncio.create_subprocess_exec(
+        _, out, err = await run(
             "curl", "-sS", "--http2", "--max-time", "5", "-o", "/dev/null",
             "-w", "%{http_version} %{http_code}",
             f"http://127.0.0.1:{srv.port}/",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), 8)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
         assert out == b"1.1 200", err
 
 
@@ -876,17 +848,10 @@ def client_tls(pki: Pki) -> ssl.SSLContext:
 async def test_curl_over_tls(pki: Pki) -> None:
     async with serve(echo, tls=server_tls(pki), scheme="https") as srv:
         url = f"https://localhost:{srv.port}"
-        proc = await asyncio.create_subprocess_exec(
+        _, out, err = await run(
             "curl", "-sS", "--http1.1", "--max-time", "5", "--cacert", str(pki.ca_cert),
             "--resolve", f"localhost:{srv.port}:127.0.0.1", f"{url}/one", f"{url}/two",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), 8)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
         first, second = out.replace(b"}{", b"}\n{").split(b"\n")
         assert json.loads(first)["path"] == "/one" and json.loads(second)["path"] == "/two", err
         assert len(srv.protocols) == 1

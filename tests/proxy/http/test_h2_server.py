@@ -17,7 +17,7 @@ import h2.connection
 import h2.events
 import hpack
 import pytest
-from codec_helpers import MemoryTransport
+from codec_helpers import MemoryTransport, run
 from hyperframe.frame import GoAwayFrame, PingFrame, RstStreamFrame, SettingsFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -62,23 +62,6 @@ async def serve(handler: Handler, settings: CodecSettings | None = None) -> Asyn
         for proto in state.protocols:
             proto.close()
         await server.wait_closed()
-
-
-async def run(*argv: str, timeout: float = 8.0, stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out, err
 
 
 # -- handlers ------------------------------------------------------------------ #
