@@ -261,3 +261,17 @@ class NamedUpstream:
             pass
         finally:
             writer.close()
+
+
+def tls_listener(name: str, port: int, route_name: str, secret_name: str) -> listener_pb2.Listener:
+    """``http_listener`` behind TLS with its certificate from SDS over ADS."""
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+
+    listener = http_listener(name, port, route_name)
+    context = tls_pb2.DownstreamTlsContext()
+    sds = context.common_tls_context.tls_certificate_sds_secret_configs.add(name=secret_name)
+    sds.sds_config.ads.SetInParent()
+    socket = listener.filter_chains[0].transport_socket
+    socket.name = "envoy.transport_sockets.tls"
+    socket.typed_config.Pack(context)
+    return listener

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ads_helpers import cluster, dynamic_bootstrap, endpoints, http_listener, route
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
+from ads_helpers import cluster, dynamic_bootstrap, endpoints, http_listener, route, tls_listener
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf.message import Message
 
 from certs import make_pki
@@ -79,24 +79,13 @@ def test_dynamic_names_cannot_shadow_static_ones() -> None:
         assembler.build({CLUSTER: received(clash)})
 
 
-def tls_listener(name: str, port: int, secret_name: str) -> Message:
-    listener = http_listener(name, port, "r1")
-    context = tls_pb2.DownstreamTlsContext()
-    sds = context.common_tls_context.tls_certificate_sds_secret_configs.add(name=secret_name)
-    sds.sds_config.ads.SetInParent()
-    socket = listener.filter_chains[0].transport_socket
-    socket.name = "envoy.transport_sockets.tls"
-    socket.typed_config.Pack(context)
-    return listener
-
-
 def test_sds_secrets_feed_tls_listeners(tmp_path: Path) -> None:
     pki = make_pki(tmp_path)
     issued = pki.issue("server")
     secret = secret_pb2.Secret(name="server-cert")
     secret.tls_certificate.certificate_chain.inline_bytes = issued.cert_pem
     secret.tls_certificate.private_key.inline_bytes = issued.key_pem
-    listener = tls_listener("https", 18443, "server-cert")
+    listener = tls_listener("https", 18443, "r1", "server-cert")
     assert listener_refs(listener).secrets == {"server-cert"}
     assert cluster_refs(cluster("c")).endpoints == {"c"}
 

@@ -23,7 +23,7 @@ from ads_helpers import (
 from meshlet.bench.procs import free_port
 from meshlet.xds.cache import SnapshotCache
 from meshlet.xds.server import start_ads_server
-from meshlet.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+from meshlet.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 
 NODE = "sidecar-1"
 
@@ -125,3 +125,71 @@ async def test_proxy_follows_ads(tmp_path: Path, upstreams: dict[str, int], delt
         proxy.stop()
         await server.stop(None)
 
+
+
+async def test_sds_certificates_and_their_rotation(tmp_path: Path, upstreams: dict[str, int]) -> None:
+    """A TLS listener whose certificate comes over SDS serves curl, and a new certificate
+    pushed later is the one the next handshake presents."""
+    import shutil
+    import subprocess
+
+    from ads_helpers import tls_listener
+    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+
+    from certs import make_pki
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    pki = make_pki(tmp_path / "pki")
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(pki.ca_pem)
+
+    def secret(dns: str) -> secret_pb2.Secret:
+        issued = pki.issue(dns.replace(".", "-"), dns=[dns])
+        s = secret_pb2.Secret(name="server-cert")
+        s.tls_certificate.certificate_chain.inline_bytes = issued.cert_pem
+        s.tls_certificate.private_key.inline_bytes = issued.key_pem
+        return s
+
+    ads_port, admin_port, listen_port = free_port(), free_port(), free_port()
+
+    def tls_snapshot(dns: str) -> Snapshot:
+        return Snapshot.build({
+            LISTENER: [tls_listener("https", listen_port, "routes", "server-cert")],
+            ROUTE: [route("routes", "svc-a")],
+            CLUSTER: [cluster("svc-a")],
+            ENDPOINT: [endpoints("svc-a", upstreams["svc-a"])],
+            SECRET: [secret(dns)],
+        })
+
+    def curl(host: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["curl", "-sS", "--max-time", "3", "--cacert", str(ca),
+             "--resolve", f"{host}:{listen_port}:127.0.0.1", f"https://{host}:{listen_port}/"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+
+    cache = SnapshotCache(debounce=0.01, max_delay=0.05)
+    cache.set_snapshot(NODE, tls_snapshot("one.mesh"))
+    server, _ = await start_ads_server(cache, f"127.0.0.1:{ads_port}")
+    proxy = ProxyProcess(tmp_path, dynamic_bootstrap(NODE, ads_port, admin_port)).start()
+    try:
+        await proxy.wait_ready()
+        first = await asyncio.to_thread(curl, "one.mesh")
+        assert first.returncode == 0 and first.stdout == "A", first.stderr
+        cache.set_snapshot(NODE, tls_snapshot("two.mesh"))
+
+        async def rotated() -> bool:
+            result = await asyncio.to_thread(curl, "two.mesh")
+            return result.returncode == 0 and result.stdout == "A"
+
+        await eventually(rotated, "certificate rotation over SDS")
+        assert (await asyncio.to_thread(curl, "one.mesh")).returncode != 0  # the old name is gone
+        code, dump = await proxy.admin("/config_dump")
+        assert code == 200 and "dynamic_active_secrets" in dump and "BEGIN EC PRIVATE KEY" not in dump
+    except BaseException:
+        print(proxy.log())
+        raise
+    finally:
+        proxy.stop()
+        await server.stop(None)
