@@ -269,14 +269,26 @@ class RawClient:
         ]
         self.conn.send_headers(sid, headers, end_stream=end)
 
-    def until(self, pred: Callable[[h2.events.Event], bool]) -> list[h2.events.Event]:
+    def until(self, kind: type[h2.events.Event]) -> list[h2.events.Event]:
+        """The events received up to and including the first of ``kind``."""
         seen: list[h2.events.Event] = []
-        while not any(pred(e) for e in seen):
+        while not any(isinstance(e, kind) for e in seen):
             seen.extend(self.events())
         return seen
 
+    def send_until(self, kind: type[h2.events.Event]) -> list[h2.events.Event]:
+        """Send what is queued, then ``until(kind)``."""
+        self.send()
+        return self.until(kind)
+
     def close(self) -> None:
         self.sock.close()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def read_frames_until_close(sock: socket.socket) -> bytes:
@@ -351,15 +363,11 @@ async def test_streams_beyond_max_concurrent_are_refused() -> None:
     async with serve(parked, CodecSettings(max_concurrent_streams=2)) as srv:
 
         def client() -> list[h2.events.Event]:
-            c = RawClient(srv.port)
-            # Sent before the server's SETTINGS arrive, as a racing client would.
-            for sid in (1, 3, 5):
-                c.request(sid)
-            c.send()
-            try:
-                return c.until(lambda e: isinstance(e, h2.events.StreamReset))
-            finally:
-                c.close()
+            with RawClient(srv.port) as c:
+                # Sent before the server's SETTINGS arrive, as a racing client would.
+                for sid in (1, 3, 5):
+                    c.request(sid)
+                return c.send_until(h2.events.StreamReset)
 
         events = await asyncio.to_thread(client)
         resets = [e for e in events if isinstance(e, h2.events.StreamReset)]
@@ -386,7 +394,7 @@ async def test_drain_sends_goaway_and_finishes_open_streams() -> None:
             await asyncio.wait_for(started.wait(), 5)
             proto = srv.protocols[0]
             proto.drain()
-            goaway = await asyncio.to_thread(c.until, lambda e: isinstance(e, h2.events.ConnectionTerminated))
+            goaway = await asyncio.to_thread(c.until, h2.events.ConnectionTerminated)
             term = next(e for e in goaway if isinstance(e, h2.events.ConnectionTerminated))
             assert term.last_stream_id == 1 and term.error_code == 0
             release.set()
@@ -403,13 +411,9 @@ async def test_oversized_header_block_gets_431() -> None:
     async with serve(hello, CodecSettings(max_request_headers_kb=1)) as srv:
 
         def client() -> list[h2.events.Event]:
-            c = RawClient(srv.port)
-            c.request(1, extra=[("x-big", "v" * 1500)])
-            c.send()
-            try:
-                return c.until(lambda e: isinstance(e, h2.events.StreamEnded))
-            finally:
-                c.close()
+            with RawClient(srv.port) as c:
+                c.request(1, extra=[("x-big", "v" * 1500)])
+                return c.send_until(h2.events.StreamEnded)
 
         events = await asyncio.to_thread(client)
         response = next(e for e in events if isinstance(e, h2.events.ResponseReceived))
@@ -421,13 +425,10 @@ async def test_hpack_bomb_beyond_decoder_bound_is_goaway() -> None:
     async with serve(hello, CodecSettings(max_request_headers_kb=1)) as srv:
 
         def client() -> bytes:
-            c = RawClient(srv.port)
-            c.request(1, extra=[(f"x-{i}", "v" * 1000) for i in range(80)])
-            c.send()
-            try:
+            with RawClient(srv.port) as c:
+                c.request(1, extra=[(f"x-{i}", "v" * 1000) for i in range(80)])
+                c.send()
                 return read_frames_until_close(c.sock)
-            finally:
-                c.close()
 
         data = await asyncio.to_thread(client)
         assert goaway_code(data) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
@@ -488,14 +489,10 @@ async def test_handler_exception_becomes_500_or_reset() -> None:
     async with serve(broken) as srv:
 
         def client() -> list[h2.events.Event]:
-            c = RawClient(srv.port)
-            c.request(1, "/early")
-            c.request(3, "/late")
-            c.send()
-            try:
-                return c.until(lambda e: isinstance(e, h2.events.StreamReset))
-            finally:
-                c.close()
+            with RawClient(srv.port) as c:
+                c.request(1, "/early")
+                c.request(3, "/late")
+                return c.send_until(h2.events.StreamReset)
 
         events = await asyncio.to_thread(client)
         early = next(e for e in events if isinstance(e, h2.events.ResponseReceived) and e.stream_id == 1)
@@ -526,13 +523,9 @@ async def test_response_strips_connection_specific_headers_and_sends_trailers() 
     async with serve(h1_style) as srv:
 
         def client() -> list[h2.events.Event]:
-            c = RawClient(srv.port)
-            c.request(1)
-            c.send()
-            try:
-                return c.until(lambda e: isinstance(e, h2.events.StreamEnded))
-            finally:
-                c.close()
+            with RawClient(srv.port) as c:
+                c.request(1)
+                return c.send_until(h2.events.StreamEnded)
 
         events = await asyncio.to_thread(client)
         response = next(e for e in events if isinstance(e, h2.events.ResponseReceived))
@@ -552,13 +545,9 @@ async def test_request_pseudo_headers_and_cookie_crumbs() -> None:
     async with serve(record) as srv:
 
         def client() -> None:
-            c = RawClient(srv.port)
-            c.request(1, "/p?q=1", extra=[("cookie", "a=1"), ("cookie", "b=2"), ("x-h", "v")])
-            c.send()
-            try:
-                c.until(lambda e: isinstance(e, h2.events.StreamEnded))
-            finally:
-                c.close()
+            with RawClient(srv.port) as c:
+                c.request(1, "/p?q=1", extra=[("cookie", "a=1"), ("cookie", "b=2"), ("x-h", "v")])
+                c.send_until(h2.events.StreamEnded)
 
         await asyncio.to_thread(client)
     head = heads[0].head
@@ -644,15 +633,12 @@ async def test_rapid_reset_gets_enhance_your_calm() -> None:
     async with serve(parked) as srv:
 
         def client() -> bytes:
-            c = RawClient(srv.port)
-            try:
+            with RawClient(srv.port) as c:
                 for sid in range(1, 2 * 600, 2):
                     c.request(sid, end=False)
                     c.conn.reset_stream(sid, 0x8)
                 c.send()
                 return read_frames_until_close(c.sock)
-            finally:
-                c.close()
 
         data = await asyncio.to_thread(client)
         assert goaway_code(data) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
