@@ -156,7 +156,7 @@ class SnapshotCache:
         self._watches: dict[str, set[Watch]] = {}
         self._nodes: dict[str, NodeStatus] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._status_changed: asyncio.Condition | None = None
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._ack_listeners: list[Callable[[NodeStatus, str, str], None]] = []
         self._connect_listeners: list[Callable[[Any, NodeStatus], None]] = []
         self._lock = threading.Lock()
@@ -311,16 +311,21 @@ class SnapshotCache:
         return list(self._nodes.values())
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Wait (at most ``timeout`` s) until ``predicate()`` holds after a status change."""
-        self._bind(asyncio.get_running_loop())
-        condition = self._status_condition()
+        """Wait (at most ``timeout`` s) until ``predicate()`` holds, checked on each status change."""
+        if predicate():
+            return True
+        loop = asyncio.get_running_loop()
+        self._bind(loop)
+        waiter: tuple[Callable[[], bool], asyncio.Future[None]] = (predicate, loop.create_future())
+        self._waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout):
-                async with condition:
-                    await condition.wait_for(predicate)
+                await waiter[1]
             return True
         except TimeoutError:
             return predicate()
+        finally:
+            self._waiters.remove(waiter)
 
     async def wait_acked(self, node_id: str, type_url: str, version: str, timeout: float) -> bool:
         """Wait until ``node_id`` ACKed ``version`` of ``type_url``."""
@@ -334,15 +339,10 @@ class SnapshotCache:
         return await self.wait_for(acked, timeout)
 
     def _notify_status(self) -> None:
-        condition = self._status_changed
-        if condition is None or self._loop is None or _running_loop() is not self._loop:
-            return
-        self._loop.create_task(_notify_all(condition))
-
-    def _status_condition(self) -> asyncio.Condition:
-        if self._status_changed is None:
-            self._status_changed = asyncio.Condition()
-        return self._status_changed
+        # Checked in place: no task per change, however many ACKs a push brings.
+        for predicate, future in self._waiters:
+            if not future.done() and predicate():
+                future.set_result(None)
 
     def _forget_oldest_disconnected(self) -> None:
         if len(self._nodes) <= self._max_nodes:
@@ -362,18 +362,12 @@ class SnapshotCache:
             if self._loop is not None and not self._loop.is_closed() and self._loop.is_running():
                 raise RuntimeError("a SnapshotCache serves one event loop")
             self._loop = loop
-            self._status_changed = None
             self._timer = None
 
     def _require_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             raise RuntimeError("the cache has no event loop yet")
         return self._loop
-
-
-async def _notify_all(condition: asyncio.Condition) -> None:
-    async with condition:
-        condition.notify_all()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
