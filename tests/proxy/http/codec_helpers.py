@@ -1,10 +1,11 @@
 """What the HTTP codec tests share: an in-memory transport for feeding a
-codec arbitrary bytes without a socket, and running a client tool (curl,
-h2load, nghttp) with a deadline."""
+codec arbitrary bytes without a socket, running a client tool (curl,
+h2load, nghttp) with a deadline, and gRPC's length-prefixed message framing."""
 
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Iterable
 
 
@@ -67,3 +68,18 @@ async def run(*argv: str, timeout: float = 8.0, stdin: bytes | None = None) -> t
             await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out, err
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """One uncompressed gRPC message with its 5-byte prefix."""
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+def grpc_messages(data: bytes) -> list[bytes]:
+    """The messages of a gRPC body (uncompressed, as ``grpc_frame`` makes them)."""
+    out = []
+    while data:
+        (size,) = struct.unpack(">I", data[1:5])
+        out.append(data[5 : 5 + size])
+        data = data[5 + size :]
+    return out

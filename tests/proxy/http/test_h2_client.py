@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import shutil
 import socket
-import struct
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ import h2.config
 import h2.events
 import hpack
 import pytest
-from codec_helpers import MemoryTransport
+from codec_helpers import MemoryTransport, grpc_frame, grpc_messages
 from h2.settings import SettingCodes
 from hyperframe.frame import SettingsFrame
 from hypothesis import given, settings
@@ -523,16 +522,7 @@ def grpc_request(method: str, message: bytes) -> tuple[RequestHead, BodyStream]:
         "POST", "http", "grpc.test", f"/t.S/{method}",
         [("content-type", "application/grpc"), ("te", "trailers")],
     )  # fmt: skip
-    return head, BodyStream.of(b"\x00" + struct.pack(">I", len(message)) + message)
-
-
-def grpc_messages(data: bytes) -> list[bytes]:
-    out = []
-    while data:
-        (size,) = struct.unpack(">I", data[1:5])
-        out.append(data[5 : 5 + size])
-        data = data[5 + size :]
-    return out
+    return head, BodyStream.of(grpc_frame(message))
 
 
 @pytest.mark.interop

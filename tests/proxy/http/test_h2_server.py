@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import struct
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -17,7 +16,7 @@ import h2.connection
 import h2.events
 import hpack
 import pytest
-from codec_helpers import MemoryTransport, run
+from codec_helpers import MemoryTransport, grpc_frame, grpc_messages, run
 from hyperframe.frame import GoAwayFrame, PingFrame, RstStreamFrame, SettingsFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -74,19 +73,6 @@ async def hello(stream: DownstreamStream) -> None:
         ResponseHead(200, [("content-type", "text/plain"), ("content-length", str(len(text)))])
     )
     await stream.send_data(text, end_stream=True)
-
-
-def grpc_frame(message: bytes) -> bytes:
-    return b"\x00" + struct.pack(">I", len(message)) + message
-
-
-def grpc_messages(data: bytes) -> list[bytes]:
-    out = []
-    while data:
-        (size,) = struct.unpack(">I", data[1:5])
-        out.append(data[5 : 5 + size])
-        data = data[5 + size :]
-    return out
 
 
 async def grpc_service(stream: DownstreamStream) -> None:
