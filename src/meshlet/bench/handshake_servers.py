@@ -177,6 +177,8 @@ def start_keyserver(files: KeyFiles, cpus: set[int], workdir: Path) -> tuple[Chi
     """``meshlet keyserver run`` holding the bench key (imported as ``KEY_HANDLE``)."""
     sock = workdir / f"keyserver-{files.key.stem}.sock"
     key_dir = workdir / f"keyserver-keys-{files.key.stem}"
+    # A fresh store each start: an earlier round's import would otherwise answer EXISTS.
+    shutil.rmtree(key_dir, ignore_errors=True)
     argv = [sys.executable, "-m", "meshlet.cli.main", "keyserver", "run", "--socket", str(sock),
             "--key-dir", str(key_dir)]
     child = Child("meshlet keyserver", argv, cpus=cpus, log_path=workdir / f"keyserver-{files.key.stem}.log")
