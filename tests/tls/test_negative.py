@@ -236,6 +236,16 @@ def _server_hello(
     return ServerHello(random, session_id, 0x1301, tuple(extensions)).serialize()
 
 
+def _retry_request(client: TlsConnection, group: int) -> bytes:
+    """A HelloRetryRequest asking the client for a key share in ``group``."""
+    return _server_hello(
+        client,
+        (ExtensionType.supported_versions, u16(0x0304)),
+        (ExtensionType.key_share, u16(group)),
+        random=HRR_RANDOM,
+    )
+
+
 def test_tls12_server_hello_is_protocol_version(pki: MiniPki) -> None:
     client = _client(pki)
     client.data_to_send()
@@ -255,32 +265,17 @@ def test_downgrade_sentinel_is_illegal_parameter(pki: MiniPki, sentinel: bytes) 
 def test_second_hello_retry_request_is_unexpected(pki: MiniPki) -> None:
     client = _client(pki)
     client.data_to_send()
-    retry = _server_hello(
-        client,
-        (ExtensionType.supported_versions, u16(0x0304)),
-        (ExtensionType.key_share, u16(Group.secp256r1)),
-        random=HRR_RANDOM,
-    )
+    retry = _retry_request(client, Group.secp256r1)
     assert client.receive_data(_handshake(retry)) == []
     assert client.data_to_send()  # ClientHello 2
-    retry2 = _server_hello(
-        client,
-        (ExtensionType.supported_versions, u16(0x0304)),
-        (ExtensionType.key_share, u16(Group.secp384r1)),
-        random=HRR_RANDOM,
-    )
+    retry2 = _retry_request(client, Group.secp384r1)
     assert _failure(client.receive_data(_handshake(retry2))).description == A.unexpected_message
 
 
 def test_retry_for_a_group_already_shared_is_illegal(pki: MiniPki) -> None:
     client = _client(pki)
     client.data_to_send()
-    retry = _server_hello(
-        client,
-        (ExtensionType.supported_versions, u16(0x0304)),
-        (ExtensionType.key_share, u16(Group.x25519)),
-        random=HRR_RANDOM,
-    )
+    retry = _retry_request(client, Group.x25519)
     assert _failure(client.receive_data(_handshake(retry))).description == A.illegal_parameter
 
 
