@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import socket
 import sys
@@ -19,6 +18,7 @@ from tls_helpers import (
     Echo,
     MiniPki,
     SocketDriver,
+    echo_digests,
     meshlet_serve,
     openssl_server,
 )
@@ -336,28 +336,8 @@ async def test_server_large_transfer_with_s_client(pki: MiniPki) -> None:
         stderr=asyncio.subprocess.DEVNULL,
     )
     assert proc.stdin is not None and proc.stdout is not None
-    stdin, stdout = proc.stdin, proc.stdout
-
-    async def send() -> str:
-        digest = hashlib.sha256()
-        for _ in range(total // len(block)):
-            stdin.write(block)
-            digest.update(block)
-            await stdin.drain()
-        return digest.hexdigest()
-
-    async def receive() -> str:
-        digest = hashlib.sha256()
-        remaining = total
-        while remaining:
-            data = await stdout.read(min(remaining, 1 << 18))
-            assert data, "s_client closed early"
-            digest.update(data)
-            remaining -= len(data)
-        return digest.hexdigest()
-
     try:
-        sent, received = await asyncio.wait_for(asyncio.gather(send(), receive()), 90)
+        sent, received = await echo_digests(proc.stdout, proc.stdin, block, total)
     finally:
         proc.kill()
         await proc.wait()

@@ -4,7 +4,6 @@ asyncio adapter, both directions, including 64 MiB each way."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import socket
 import ssl
@@ -21,6 +20,7 @@ from tls_helpers import (
     Echo,
     Leaf,
     MiniPki,
+    echo_digests,
     meshlet_connect,
     meshlet_serve,
 )
@@ -210,26 +210,7 @@ async def test_server_large_transfer_both_ways(pki: MiniPki) -> None:
             "127.0.0.1", served.port, ssl=_stdlib_client_context(pki), server_hostname="localhost"
         )
         block = random.Random(3).randbytes(1 << 16)
-
-        async def send() -> str:
-            digest = hashlib.sha256()
-            for _ in range(LARGE // len(block)):
-                writer.write(block)
-                digest.update(block)
-                await writer.drain()
-            return digest.hexdigest()
-
-        async def receive() -> str:
-            digest = hashlib.sha256()
-            remaining = LARGE
-            while remaining:
-                data = await reader.read(min(remaining, 1 << 18))
-                assert data
-                digest.update(data)
-                remaining -= len(data)
-            return digest.hexdigest()
-
-        sent, received = await asyncio.wait_for(asyncio.gather(send(), receive()), 90)
+        sent, received = await echo_digests(reader, writer, block, LARGE)
         assert sent == received
         writer.close()
     finally:

@@ -400,6 +400,38 @@ class Echo(Collector):
             self.transport.write(data)
 
 
+async def echo_digests(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    block: bytes,
+    total: int,
+    timeout: float = 90.0,
+) -> tuple[str, str]:
+    """Write ``total`` bytes (``block`` repeated) to an echoing peer while
+    reading as many back; the sha256 of what went out and of what came back."""
+
+    async def send() -> str:
+        digest = hashlib.sha256()
+        for _ in range(total // len(block)):
+            writer.write(block)
+            digest.update(block)
+            await writer.drain()
+        return digest.hexdigest()
+
+    async def receive() -> str:
+        digest = hashlib.sha256()
+        remaining = total
+        while remaining:
+            data = await reader.read(min(remaining, 1 << 18))
+            assert data, "the peer closed early"
+            digest.update(data)
+            remaining -= len(data)
+        return digest.hexdigest()
+
+    sent, received = await asyncio.wait_for(asyncio.gather(send(), receive()), timeout)
+    return sent, received
+
+
 async def meshlet_connect(
     factory: TransportSocketFactory, port: int, server_hostname: str = "localhost", **kwargs: Any
 ) -> Collector:
