@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import subprocess
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tls_helpers import (
     SPIFFE_CLIENT,
     Echo,
+    Leaf,
     MiniPki,
     SocketDriver,
     echo_digests,
@@ -65,18 +68,22 @@ def _connect(port: int, config: TlsConfig, **kwargs: object) -> SocketDriver:
 # --------------------------------------------------------------------------- #
 
 
+def _www_server(leaf: Leaf, *args: str) -> AbstractContextManager[tuple[int, subprocess.Popen[bytes]]]:
+    """``openssl s_server -www`` (answers a GET with a status page) presenting ``leaf``."""
+    return openssl_server("-cert", str(leaf.cert_file), "-key", str(leaf.key_file), "-www", *args)
+
+
+def _fetch_page(port: int, config: TlsConfig, **kwargs: object) -> tuple[SocketDriver, bytes]:
+    """Connect, GET, and read s_server's status page."""
+    driver = _connect(port, config, **kwargs)
+    driver.send(GET)
+    return driver, driver.read_until(b"</HTML>")
+
+
 @pytest.mark.parametrize("suite", SUITES)
 def test_client_each_suite(pki: MiniPki, suite: str) -> None:
-    leaf = pki.issue("server")
-    with openssl_server(
-        "-cert", str(leaf.cert_file), "-key", str(leaf.key_file), "-www", "-ciphersuites", suite
-    ) as (
-        port,
-        _,
-    ):
-        driver = _connect(port, _client(pki))
-        driver.send(GET)
-        page = driver.read_until(b"</HTML>")
+    with _www_server(pki.issue("server"), "-ciphersuites", suite) as (port, _):
+        driver, page = _fetch_page(port, _client(pki))
     assert driver.conn.cipher_suite == suite
     assert f"New, TLSv1.3, Cipher is {suite}".encode() in page
 
@@ -84,16 +91,8 @@ def test_client_each_suite(pki: MiniPki, suite: str) -> None:
 @pytest.mark.parametrize("group", GROUPS)
 def test_client_each_group_with_retry(pki: MiniPki, group: str) -> None:
     """We send an X25519 share only: P-256 and P-384 cost a HelloRetryRequest."""
-    leaf = pki.issue("server")
-    with openssl_server(
-        "-cert", str(leaf.cert_file), "-key", str(leaf.key_file), "-www", "-groups", group
-    ) as (
-        port,
-        _,
-    ):
-        driver = _connect(port, _client(pki))
-        driver.send(GET)
-        driver.read_until(b"</HTML>")
+    with _www_server(pki.issue("server"), "-groups", group) as (port, _):
+        driver, _page = _fetch_page(port, _client(pki))
     machine = driver.conn.machine
     assert machine.group == GROUPS[group]
     assert machine.retried is (group != "X25519")  # type: ignore[attr-defined]
@@ -102,61 +101,44 @@ def test_client_each_group_with_retry(pki: MiniPki, group: str) -> None:
 @pytest.mark.parametrize("kind", ["rsa", "ecdsa", "p384", "ed25519"])
 def test_client_verifies_each_certificate_kind(pki: MiniPki, kind: str) -> None:
     leaf = pki.issue(f"server-{kind}", kind)
-    with openssl_server("-cert", str(leaf.cert_file), "-key", str(leaf.key_file), "-www") as (port, _):
-        driver = _connect(port, _client(pki))
-        driver.send(GET)
-        driver.read_until(b"</HTML>")
+    with _www_server(leaf) as (port, _):
+        driver, _page = _fetch_page(port, _client(pki))
     assert driver.conn.peer_chain == leaf.chain
 
 
 def test_client_mutual_tls(pki: MiniPki) -> None:
     leaf = pki.issue("server")
     client_leaf = pki.issue("client", "rsa", dns=(), uris=(SPIFFE_CLIENT,))
-    args = ("-cert", str(leaf.cert_file), "-key", str(leaf.key_file), "-www", "-Verify", "1")
-    with openssl_server(*args, "-CAfile", str(pki.ca_file), "-verify_return_error") as (port, _):
+    args = ("-Verify", "1", "-CAfile", str(pki.ca_file), "-verify_return_error")
+    with _www_server(leaf, *args) as (port, _):
         config = _client(pki, certificate_chain=client_leaf.chain, key=client_leaf.local_key)
-        driver = _connect(port, config)
-        driver.send(GET)
-        page = driver.read_until(b"</HTML>")
+        _driver, page = _fetch_page(port, config)
     assert b"no client certificate available" not in page
     assert b"Client certificate" in page
 
 
 def test_client_alpn(pki: MiniPki) -> None:
-    leaf = pki.issue("server")
-    with openssl_server(
-        "-cert", str(leaf.cert_file), "-key", str(leaf.key_file), "-www", "-alpn", "h2,http/1.1"
-    ) as (
-        port,
-        _,
-    ):
-        driver = _connect(port, _client(pki, alpn_protocols=("http/1.1",)))
-        driver.send(GET)
-        driver.read_until(b"</HTML>")
+    with _www_server(pki.issue("server"), "-alpn", "h2,http/1.1") as (port, _):
+        driver, _page = _fetch_page(port, _client(pki, alpn_protocols=("http/1.1",)))
     assert driver.conn.alpn == "http/1.1"
 
 
 def test_client_resumes_with_openssl_ticket(pki: MiniPki) -> None:
     leaf = pki.issue("server")
     config = _client(pki)
-    with openssl_server("-cert", str(leaf.cert_file), "-key", str(leaf.key_file), "-www") as (port, _):
-        first = _connect(port, config)
-        first.send(GET)
-        first.read_until(b"</HTML>")
+    with _www_server(leaf) as (port, _):
+        first, _page = _fetch_page(port, config)
         tickets = [e.session for e in first.events if isinstance(e, SessionTicketReceived)]
         assert tickets
         first.close()
-        second = _connect(port, config, session=tickets[0])
-        second.send(GET)
-        page = second.read_until(b"</HTML>")
+        second, page = _fetch_page(port, config, session=tickets[0])
     assert second.conn.resumed
     assert b"Reused, TLSv1.3" in page
     assert second.conn.peer_chain == leaf.chain
 
 
 def test_client_key_update_both_ways(pki: MiniPki) -> None:
-    leaf = pki.issue("server")
-    with openssl_server("-cert", str(leaf.cert_file), "-key", str(leaf.key_file), "-www") as (port, _):
+    with _www_server(pki.issue("server")) as (port, _):
         driver = _connect(port, _client(pki))
         driver.conn.update_key(request_peer=True)
         driver.send(GET)
