@@ -1,0 +1,164 @@
+"""``meshlet up / run / status / down`` from the command line: bookinfo's workloads beside
+their sidecars, traffic through the ingress gateway driven by curl, routing changes
+reaching the running proxies, sync state per proxy, and nothing left running after
+``down``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from meshlet.bench.apps import examples_dir
+from meshlet.bench.procs import free_port
+from meshlet.mesh.client import MeshClient
+from meshlet.mesh.demo import gateway_yaml, wait_synced
+from meshlet.mesh.procs import start_ticks
+from meshlet.mesh.state import MeshState
+
+BOOKINFO = examples_dir() / "bookinfo"
+# A loopback block of its own, so a demo running on the machine does not collide.
+BLOCK = 203
+WORKLOADS = (("details", "v1"), ("ratings", "v1"), ("reviews", "v1"), ("reviews", "v2"),
+             ("productpage", "v1"))
+
+
+@dataclass
+class Mesh:
+    state: MeshState
+    env: dict[str, str]
+    gateway_port: int
+
+    def meshlet(self, *args: str, timeout: float = 60,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([sys.executable, "-m", "meshlet.cli.main", *args], capture_output=True,
+                              text=True, timeout=timeout, env=self.env, check=False)
+        if check:
+            assert done.returncode == 0, f"meshlet {' '.join(args)}: {done.stderr}{done.stdout}"
+        return done
+
+    @property
+    def client(self) -> MeshClient:
+        info = self.state.info()
+        return MeshClient(info.api_url, info.status_url)
+
+    def page(self, user: str = "") -> dict[str, object]:
+        url = f"http://127.0.0.1:{self.gateway_port}/productpage" + (f"?u={user}" if user else "")
+        done = subprocess.run(["curl", "-sS", "--max-time", "10", "-f", url], capture_output=True, text=True,
+                              timeout=15, check=False)
+        assert done.returncode == 0, done.stderr
+        page: dict[str, object] = json.loads(done.stdout)
+        return page
+
+
+def _pids(state: MeshState) -> list[int]:
+    return [r.pid for r in state.all_recorded()]
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    root = tmp_path_factory.mktemp("mesh")
+    state = MeshState(root / ".meshlet")
+    gateway = root / "gateway.yaml"
+    port = free_port()
+    gateway.write_text(gateway_yaml(port))
+    mesh = Mesh(state, {**os.environ, "MESHLET_DIR": str(state.root)}, port)
+    try:
+        mesh.meshlet("up", "--loopback-block", str(BLOCK))
+        api = state.info().api_url
+        mesh.meshlet("apply", "--server", api, "-f", str(BOOKINFO / "services.yaml"),
+                     "-f", str(BOOKINFO / "destination-rules.yaml"), "-f", str(gateway))
+        for service, version in WORKLOADS:
+            mesh.meshlet("run", "--service", service, "--version", version, "--",
+                         sys.executable, str(BOOKINFO / "app.py"), service)
+        yield mesh
+    finally:
+        subprocess.run([sys.executable, "-m", "meshlet.cli.main", "down"], env=mesh.env, timeout=60,
+                       capture_output=True, check=False)
+
+
+def test_traffic_through_the_gateway_reaches_each_reviews_version(mesh: Mesh) -> None:
+    versions = {mesh.page()["reviewsVersion"] for _ in range(12)}
+    assert versions == {"v1", "v2"}
+    page = mesh.page()
+    details = page["details"]
+    assert isinstance(details, dict) and details["author"] == "William Shakespeare"
+
+
+def test_status_shows_healthy_workloads_and_every_proxy_in_sync(mesh: Mesh) -> None:
+    report = json.loads(mesh.meshlet("status", "--json", "--wait-synced", "15").stdout)
+    assert report["synced"] is True
+    assert all(p["running"] for p in report["processes"])
+    assert {p["name"] for p in report["processes"]} == {
+        "control-plane", "gateway", *(f"workload-{s}-{v}" for s, v in WORKLOADS)}
+    workloads = {w["name"]: w for w in report["workloads"]}
+    assert set(workloads) == {f"{s}-{v}" for s, v in WORKLOADS}
+    assert {w["health"] for w in workloads.values()} == {"HEALTHY"}
+    assert workloads["reviews-v2"]["address"] == f"127.{BLOCK}.1.4"
+    nodes = [p["node"] for p in report["proxies"]]
+    assert len(nodes) == len(WORKLOADS) + 1 and any(n.startswith("router~") for n in nodes)
+    for proxy in report["proxies"]:
+        assert proxy["connected"] and proxy["synced"] and not proxy["nacks"]
+        assert set(proxy["acked"]) >= {"lds", "rds", "cds", "eds"}
+    text = mesh.meshlet("status").stdout
+    for title in ("processes", "services", "workloads", "proxies (ACKed versions)"):
+        assert title in text
+
+
+def test_a_routing_rule_reaches_the_running_proxies(mesh: Mesh) -> None:
+    results = mesh.client.apply((BOOKINFO / "virtual-service-reviews-jason-v2.yaml").read_text())
+    wait_synced(mesh.client, int(results[0]["resourceVersion"]))
+    assert {mesh.page("jason")["reviewsVersion"] for _ in range(4)} == {"v2"}
+    assert {mesh.page()["reviewsVersion"] for _ in range(6)} == {"v1"}
+    jason = mesh.page("jason")["reviews"]
+    assert isinstance(jason, dict)
+    assert jason["reviews"][0]["rating"] == {"stars": 5, "color": "black"}  # v2 asked ratings
+
+
+def test_policies_stored_but_not_enforced_show_in_status(mesh: Mesh) -> None:
+    policy = ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all}\n"
+              "spec: {}\n")
+    results = mesh.client.apply(policy)
+    wait_synced(mesh.client, int(results[0]["resourceVersion"]))
+    report = json.loads(mesh.meshlet("status", "--json").stdout)
+    notes = [n for p in report["proxies"] for n in p["notes"]]
+    assert any("not enforced" in n["message"] and "deny-all" in n["resource"] for n in notes), notes
+    assert "not enforced" in mesh.meshlet("status").stdout
+    mesh.client.delete("security.istio.io", "authorizationpolicies", "default", "deny-all")
+
+
+def test_run_refuses_a_service_that_is_not_defined(mesh: Mesh) -> None:
+    done = mesh.meshlet("run", "--service", "nosuch", "--", "true", check=False)
+    assert done.returncode != 0
+    assert "service default/nosuch is not defined" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_up_twice_is_refused(mesh: Mesh) -> None:
+    done = mesh.meshlet("up", check=False)
+    assert done.returncode != 0 and "already up" in done.stderr
+
+
+def test_down_stops_everything_and_deregisters(mesh: Mesh) -> None:
+    pids = _pids(mesh.state)
+    client = mesh.client
+    assert len(pids) == len(WORKLOADS) + 2
+    out = mesh.meshlet("down").stdout
+    assert out.count(": stopped") == len(pids), out
+    assert all(start_ticks(pid) is None for pid in pids)
+    assert mesh.state.all_recorded() == [] and mesh.state.workloads() == []
+    # Every sidecar, app and the gateway are gone: nothing answers on their addresses.
+    done = subprocess.run(["curl", "-sS", "--max-time", "2", f"http://127.0.0.1:{mesh.gateway_port}/productpage"],
+                          capture_output=True, text=True, timeout=10, check=False)
+    assert done.returncode != 0
+    with pytest.raises(Exception, match="cannot reach"):
+        client.healthz()
+    assert "nothing was running" in mesh.meshlet("down").stdout
