@@ -34,6 +34,7 @@ from meshlet.proxy.http.h1_common import (
     response_has_no_body,
     serialize_head,
 )
+from meshlet.proxy.http.h1_flow import H1WriteFlow
 from meshlet.proxy.http.stream import (
     BodyStream,
     RequestHead,
@@ -58,7 +59,7 @@ _LENGTH_REQUIRED = frozenset({"POST", "PUT", "PATCH"})
 _HEAD_END = b"\r\n\r\n"
 
 
-class H1ClientConnection(asyncio.Protocol):
+class H1ClientConnection(H1WriteFlow):
     """An HTTP/1.1 connection to an upstream (``UpstreamConnection``)."""
 
     def __init__(
@@ -66,6 +67,7 @@ class H1ClientConnection(asyncio.Protocol):
         buffer_limit: int = DEFAULT_BUFFER_LIMIT,
         max_response_headers_kb: int = DEFAULT_MAX_HEAD_BYTES // 1024,
     ) -> None:
+        super().__init__()
         self._buffer_limit = buffer_limit
         self._max_head = max_response_headers_kb * 1024
         self._parser = httptools.HttpResponseParser(self)
@@ -77,8 +79,6 @@ class H1ClientConnection(asyncio.Protocol):
         self._reusable = True
         self._active = False
         self.idle_since = time.monotonic()
-        self._write_paused = False
-        self._write_waiter: asyncio.Future[None] | None = None
         self._read_paused = False
         # The exchange in progress.
         self._method = ""
@@ -219,22 +219,7 @@ class H1ClientConnection(asyncio.Protocol):
                 body.abort(error)
         if self._pump is not None:
             self._pump.cancel()
-        write_waiter = self._write_waiter
-        if write_waiter is not None and not write_waiter.done():
-            write_waiter.set_exception(error)
-            write_waiter.exception()
-        self._write_waiter = None
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter = self._write_waiter
-        if waiter is not None:
-            self._write_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self._fail_write_waiter(error)
 
     # -- request side ---------------------------------------------------------- #
 
@@ -272,8 +257,8 @@ class H1ClientConnection(asyncio.Protocol):
                         transport.write(chunk)
                         break
                     transport.write(chunk)
-                if self._write_paused:
-                    await self._writable()
+                if self.write_paused:
+                    await self._write_resumed()
             if framing == _AFTER_UPGRADE:
                 if transport.can_write_eof():
                     transport.write_eof()
@@ -289,13 +274,6 @@ class H1ClientConnection(asyncio.Protocol):
         self._request_done = True
         if self._response_done:
             self._exchange_done()
-
-    async def _writable(self) -> None:
-        waiter = self._write_waiter
-        if waiter is None:
-            assert self._loop is not None
-            waiter = self._write_waiter = self._loop.create_future()
-        await waiter
 
     # -- response side ------------------------------------------------------------ #
 

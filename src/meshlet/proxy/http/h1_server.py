@@ -37,6 +37,7 @@ from meshlet.proxy.http.h1_common import (
     response_has_no_body,
     serialize_head,
 )
+from meshlet.proxy.http.h1_flow import H1WriteFlow
 from meshlet.proxy.http.stream import (
     BodyStream,
     CodecSettings,
@@ -312,7 +313,7 @@ def _parse_length(value: str) -> int:
     return int(value)
 
 
-class H1ServerProtocol(asyncio.Protocol):
+class H1ServerProtocol(H1WriteFlow):
     """Downstream HTTP/1.1 connection: parses requests, runs ``handler`` for
     each, writes the responses in order."""
 
@@ -324,6 +325,7 @@ class H1ServerProtocol(asyncio.Protocol):
         *,
         max_pipelined: int = MAX_PIPELINED,
     ) -> None:
+        super().__init__()
         self.info = info
         self._handler = handler
         self._settings = settings
@@ -357,8 +359,6 @@ class H1ServerProtocol(asyncio.Protocol):
         self._closing = False
         self._peer_eof = False
         self.draining = False
-        self.write_paused = False
-        self._write_waiter: asyncio.Future[None] | None = None
         # Deadlines (loop time) and the one timer that enforces them.
         self._head_deadline: float | None = None
         self._idle_deadline: float | None = None
@@ -462,22 +462,7 @@ class H1ServerProtocol(asyncio.Protocol):
                 stream.body.abort(StreamReset("CONNECTION_RESET", "downstream connection closed"))
         self._streams.clear()
         self._parsing = None
-        waiter = self._write_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(StreamReset("CONNECTION_RESET", "downstream connection closed"))
-            waiter.exception()  # retrieved here so an unawaited waiter does not warn
-        self._write_waiter = None
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        waiter = self._write_waiter
-        if waiter is not None:
-            self._write_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self._fail_write_waiter(StreamReset("CONNECTION_RESET", "downstream connection closed"))
 
     # -- writing (used by H1ServerStream) ---------------------------------- #
 
@@ -497,12 +482,8 @@ class H1ServerProtocol(asyncio.Protocol):
         """Wait until the client has drained the write buffer below its low mark."""
         if self._closed:
             raise StreamReset("CONNECTION_RESET", "downstream connection closed")
-        waiter = self._write_waiter
-        if waiter is None:
-            assert self._loop is not None
-            waiter = self._write_waiter = self._loop.create_future()
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), self._settings.idle_timeout)
+            await asyncio.wait_for(asyncio.shield(self._write_resumed()), self._settings.idle_timeout)
         except TimeoutError:
             self.close()
             raise StreamReset("CONNECTION_RESET", "client stopped reading the response", local=True) from None
