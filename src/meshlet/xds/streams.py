@@ -23,6 +23,7 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -221,8 +222,12 @@ class _DeltaType:
 
 @dataclass(frozen=True, slots=True)
 class _Delta:
-    updated: tuple[Resource, ...]
-    removed: tuple[str, ...]
+    """A delta response without its nonce; ``body`` is empty when there is nothing to send."""
+
+    body: bytes
+
+
+_MemoKey = tuple[int, int, frozenset[str] | None, str]
 
 
 class _DeltaMemo:
@@ -231,14 +236,16 @@ class _DeltaMemo:
 
     def __init__(self, size: int = 128) -> None:
         self._size = size
-        self._entries: OrderedDict[tuple[int, int, frozenset[str] | None], tuple[object, object, _Delta]] = (
-            OrderedDict()
-        )
+        self._entries: OrderedDict[_MemoKey, tuple[object, object, _Delta]] = OrderedDict()
 
     def get(
-        self, old: Mapping[str, Resource], new: Mapping[str, Resource], scope: frozenset[str] | None
+        self,
+        old: Mapping[str, Resource],
+        new: Mapping[str, Resource],
+        scope: frozenset[str] | None,
+        type_url: str,
     ) -> _Delta | None:
-        entry = self._entries.get((id(old), id(new), scope))
+        entry = self._entries.get((id(old), id(new), scope, type_url))
         # The entry holds both mappings, so their ids cannot be reused while it lives.
         return entry[2] if entry is not None and entry[0] is old and entry[1] is new else None
 
@@ -247,14 +254,17 @@ class _DeltaMemo:
         old: Mapping[str, Resource],
         new: Mapping[str, Resource],
         scope: frozenset[str] | None,
+        type_url: str,
         delta: _Delta,
     ) -> None:
-        self._entries[(id(old), id(new), scope)] = (old, new, delta)
+        self._entries[(id(old), id(new), scope, type_url)] = (old, new, delta)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
 
 
 _MEMO = _DeltaMemo()
+# What a proxy that has nothing yet holds (the memo's "old" side for first responses).
+_NOTHING: Mapping[str, Resource] = MappingProxyType({})
 
 
 class DeltaStream:
@@ -328,38 +338,42 @@ class DeltaStream:
             return None
         state.basis = basis
         available = snapshot.resources(type_url)
-        delta = self._delta(state, available)
+        delta = self._delta(state, type_url, snapshot.version(type_url), available)
         state.base, state.base_scope, state.overrides = available, state.scope, {}
-        if not delta.updated and not delta.removed:
+        if not delta.body:
             return None
         state.version = snapshot.version(type_url)
         state.nonce = self._nonces.next()
         self._cache.record_sent(self.status, type_url, state.version, state.nonce)
-        response = discovery_pb2.DeltaDiscoveryResponse(
-            system_version_info=state.version,
-            type_url=type_url,
-            resources=[
-                discovery_pb2.Resource(name=r.name, version=r.version, resource=r.body) for r in delta.updated
-            ],
-            removed_resources=delta.removed,
-        )
-        return Outgoing(response.SerializeToString(), state.nonce)
+        return Outgoing(delta.body, state.nonce)
 
     @staticmethod
-    def _delta(state: _DeltaType, available: Mapping[str, Resource]) -> _Delta:
-        """What to send: through the memo when the proxy holds exactly an earlier snapshot."""
+    def _delta(state: _DeltaType, type_url: str, version: str, available: Mapping[str, Resource]) -> _Delta:
+        """What to send: through the memo when the proxy holds exactly an earlier snapshot
+        (or nothing at all), so the proxies of a group share one diff and one encoding."""
         scope = state.scope
-        shareable = state.base is not None and not state.overrides and state.base_scope == scope
-        if shareable and state.base is not None:
-            cached = _MEMO.get(state.base, available, scope)
+        old: Mapping[str, Resource] | None = None
+        if not state.overrides and (state.base is None or state.base_scope == scope):
+            old = state.base if state.base is not None else _NOTHING
+            cached = _MEMO.get(old, available, scope, type_url)
             if cached is not None:
                 return cached
         desired = _desired(available, scope)
-        updated = tuple(r for name, r in sorted(desired.items()) if state.known(name) != r.version)
-        removed = tuple(sorted(n for n in state.held() if n not in desired and (scope is None or n in scope)))
-        delta = _Delta(updated, removed)
-        if shareable and state.base is not None:
-            _MEMO.put(state.base, available, scope, delta)
+        updated = [r for name, r in sorted(desired.items()) if state.known(name) != r.version]
+        removed = sorted(n for n in state.held() if n not in desired and (scope is None or n in scope))
+        body = b""
+        if updated or removed:
+            body = discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=version,
+                type_url=type_url,
+                resources=[
+                    discovery_pb2.Resource(name=r.name, version=r.version, resource=r.body) for r in updated
+                ],
+                removed_resources=removed,
+            ).SerializeToString()
+        delta = _Delta(body)
+        if old is not None:
+            _MEMO.put(old, available, scope, type_url, delta)
         return delta
 
 
