@@ -33,7 +33,6 @@ from meshlet.tls.codec import (
     decode_cookie,
     decode_key_share_hrr,
     decode_key_share_server,
-    decode_record_size_limit,
     decode_selected_psk,
     decode_supported_version_server,
     decode_u16_list,
@@ -51,7 +50,6 @@ from meshlet.tls.config import TlsConfig
 from meshlet.tls.crypto import CIPHER_SUITES, KeyExchange
 from meshlet.tls.events import SessionTicketReceived
 from meshlet.tls.keyschedule import KeySchedule, finished_verify_data, resumption_psk
-from meshlet.tls.record import MAX_PLAINTEXT
 from meshlet.tls.state import ALLOWED_IN_ENCRYPTED_EXTENSIONS, Handler, HandshakeMachine, Output, State
 from meshlet.tls.tickets import ClientSession
 
@@ -280,7 +278,7 @@ class ClientHandshake(HandshakeMachine):
             self.alpn = ""
         limit = find_extension(message.extensions, ExtensionType.record_size_limit)
         if limit is not None:
-            self.out.set_max_fragment(min(MAX_PLAINTEXT, decode_record_size_limit(limit) - 1))
+            self._obey_peer_record_size_limit(limit)
         self.transcript.add(raw)
         self.state = State.WAIT_FINISHED if self.resumed else State.WAIT_CERTIFICATE_OR_REQUEST
 

@@ -28,7 +28,6 @@ from meshlet.tls.codec import (
     decode_key_share_client,
     decode_offered_psks,
     decode_psk_modes,
-    decode_record_size_limit,
     decode_server_name,
     decode_supported_versions_client,
     decode_u16_list,
@@ -288,7 +287,7 @@ class ServerHandshake(HandshakeMachine):
         extensions: list[Extension] = []
         limit_ext = find_extension(hello.extensions, ExtensionType.record_size_limit)
         if limit_ext is not None:
-            self.out.set_max_fragment(min(MAX_PLAINTEXT, decode_record_size_limit(limit_ext) - 1))
+            self._obey_peer_record_size_limit(limit_ext)
             ours = self.config.record_size_limit or MAX_PLAINTEXT + 1
             extensions.append((ExtensionType.record_size_limit, u16(ours)))
         if self.server_name:

@@ -30,12 +30,14 @@ from meshlet.tls.codec import (
     HandshakeType,
     KeyUpdate,
     Message,
+    decode_record_size_limit,
     parse_message,
 )
 from meshlet.tls.config import TlsConfig
 from meshlet.tls.crypto import CipherSuite, schemes_for_key, signed_content, verify
 from meshlet.tls.events import Event, HandshakeComplete, KeyUpdated, SignatureRequired
 from meshlet.tls.keyschedule import KeySchedule, Transcript, finished_verify_data, next_traffic_secret
+from meshlet.tls.record import MAX_PLAINTEXT
 
 
 class Output(Protocol):
@@ -156,6 +158,11 @@ class HandshakeMachine:
     def _send(self, raw: bytes) -> None:
         self.transcript.add(raw)
         self.out.send_handshake(raw)
+
+    def _obey_peer_record_size_limit(self, extension: bytes) -> None:
+        """The peer's record_size_limit (RFC 8449) caps the plaintext we send;
+        in TLS 1.3 the limit counts the content-type byte, hence the - 1."""
+        self.out.set_max_fragment(min(MAX_PLAINTEXT, decode_record_size_limit(extension) - 1))
 
     def _send_change_cipher_spec_once(self) -> None:
         if self.config.middlebox_compat and not self.sent_change_cipher_spec:
