@@ -49,7 +49,7 @@ from meshlet.tls.codec import (
 from meshlet.tls.config import TlsConfig
 from meshlet.tls.crypto import CIPHER_SUITES, KeyExchange
 from meshlet.tls.events import SessionTicketReceived
-from meshlet.tls.keyschedule import KeySchedule, finished_verify_data, resumption_psk
+from meshlet.tls.keyschedule import KeySchedule, resumption_psk
 from meshlet.tls.state import ALLOWED_IN_ENCRYPTED_EXTENSIONS, Handler, HandshakeMachine, Output, State
 from meshlet.tls.tickets import ClientSession
 
@@ -164,8 +164,7 @@ class ClientHandshake(HandshakeMachine):
         raw = hello.serialize()
         binders_length = 2 + 1 + suite.hash_length
         truncated = raw[:-binders_length]
-        binder_key = KeySchedule(suite, session.psk).binder_key()
-        binder = finished_verify_data(suite.hash, binder_key, self.transcript.digest(suite.hash, truncated))
+        binder = self._psk_binder(KeySchedule(suite, session.psk), truncated)
         return truncated + vec16(vec8(binder))
 
     # -- ServerHello / HelloRetryRequest ------------------------------------ #

@@ -39,7 +39,7 @@ from meshlet.tls.codec import (
 )
 from meshlet.tls.config import TlsConfig
 from meshlet.tls.crypto import CIPHER_SUITES, CipherSuite, KeyExchange
-from meshlet.tls.keyschedule import KeySchedule, finished_verify_data, resumption_psk
+from meshlet.tls.keyschedule import KeySchedule, resumption_psk
 from meshlet.tls.record import MAX_PLAINTEXT
 from meshlet.tls.state import Handler, HandshakeMachine, Output, State
 from meshlet.tls.tickets import TicketState
@@ -230,10 +230,7 @@ class ServerHandshake(HandshakeMachine):
             return None
         schedule = KeySchedule(suite, state.psk)
         truncated = raw[: len(raw) - offered.binders_length]
-        expected = finished_verify_data(
-            suite.hash, schedule.binder_key(), self.transcript.digest(suite.hash, truncated)
-        )
-        if not hmac.compare_digest(expected, offered.binders[0]):
+        if not hmac.compare_digest(self._psk_binder(schedule, truncated), offered.binders[0]):
             raise TlsAlertError(AlertDescription.decrypt_error, "PSK binder does not match")
         self.schedule = schedule
         self.resumed = True

@@ -200,6 +200,14 @@ class HandshakeMachine:
         base_key = self.handshake_secrets[0] if client_side else self.handshake_secrets[1]
         return finished_verify_data(self._need_suite().hash, base_key, self._digest())
 
+    def _psk_binder(self, schedule: KeySchedule, truncated_hello: bytes) -> bytes:
+        """The binder proving a PSK offer (RFC 8446 section 4.2.11.2): a
+        Finished-style MAC over the transcript up to the ClientHello's binders,
+        keyed from the PSK's early secret in ``schedule``."""
+        hash_ = schedule.suite.hash
+        digest = self.transcript.digest(hash_, truncated_hello)
+        return finished_verify_data(hash_, schedule.binder_key(), digest)
+
     def _send_finished(self) -> None:
         self._send(Finished(self._finished_data(ours=True)).serialize())
 
