@@ -1,6 +1,7 @@
 """A gRPC proxyless xDS client, run as its own process (GRPC_XDS_BOOTSTRAP must be set
 before grpc initialises): calls ``xds:///greeter`` N times, serves CSDS, prints a JSON
-line ``{"counts": {server: calls}, "csds_port": P}`` and waits for stdin to close.
+line ``{"counts": {server: calls}, "csds_port": P}``; then again for each line read
+on stdin (after a config push), until stdin closes.
 
 Usage: python grpc_xds_client.py TARGET CALLS
 """
@@ -25,14 +26,16 @@ def main() -> int:
     grpc_csds.add_csds_servicer(csds)
     csds_port = csds.add_insecure_port("127.0.0.1:0")
     csds.start()
-    counts: collections.Counter[str] = collections.Counter()
     with grpc.insecure_channel(target) as channel:
         say_hello = channel.unary_unary(METHOD)
-        for _ in range(calls):
-            reply = say_hello(b"hello", timeout=CALL_TIMEOUT, wait_for_ready=True)
-            counts[reply.decode()] += 1
-        print(json.dumps({"counts": counts, "csds_port": csds_port}), flush=True)
-        sys.stdin.read()  # the test is done with CSDS when it closes our stdin
+        while True:
+            counts: collections.Counter[str] = collections.Counter()
+            for _ in range(calls):
+                reply = say_hello(b"hello", timeout=CALL_TIMEOUT, wait_for_ready=True)
+                counts[reply.decode()] += 1
+            print(json.dumps({"counts": counts, "csds_port": csds_port}), flush=True)
+            if not sys.stdin.readline():  # the test closes our stdin when it is done
+                break
     csds.stop(None)
     return 0
 

@@ -152,6 +152,15 @@ async def test_grpc_proxyless_client_resolves_balances_and_acks(tmp_path: Path, 
         for type_url in (LISTENER, ROUTE, CLUSTER, ENDPOINT):
             assert node.types[type_url].acked_version == snapshot.version(type_url)
             assert node.types[type_url].last_nack is None
+
+        # An endpoint leaves (EDS push): once gRPC ACKs it, calls go to the other two only.
+        fewer = greeter_snapshot(greeters.ports[:2])
+        cache.set_snapshot(NODE, fewer)
+        assert await cache.wait_acked(NODE, ENDPOINT, fewer.version(ENDPOINT), 10)
+        child.stdin.write(b"again\n")
+        async with asyncio.timeout(30):
+            again = json.loads(await child.stdout.readline())
+        assert sorted(again["counts"]) == ["greeter-0", "greeter-1"]
         child.stdin.close()
         async with asyncio.timeout(10):
             assert await child.wait() == 0
