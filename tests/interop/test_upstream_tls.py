@@ -77,14 +77,7 @@ def start(start_meshlet: StartMeshlet, upstream_port: int, pki: Pki, engine: str
     return port
 
 
-KNOWN_EOF_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="openssl engine, upstream side: a close-delimited HTTP/1.0 body from s_server ends only at the "
-           "route timeout, not when the server closes its TLS connection",
-)
-
-
-@pytest.mark.parametrize("engine", [pytest.param("openssl", marks=KNOWN_EOF_BUG), "meshlet"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_mtls_to_openssl_s_server(start_meshlet: StartMeshlet, s_server: int, pki: Pki, engine: str) -> None:
     require("curl")
     port = start(start_meshlet, s_server, pki, engine, with_client_cert=True)

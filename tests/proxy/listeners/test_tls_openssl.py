@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import ssl
 from pathlib import Path
 
@@ -493,3 +494,81 @@ async def test_client_side_resumes_sessions(pki: Pki) -> None:
             ))
             await asyncio.sleep(0.05)
         assert resumed == [False, True]
+
+
+async def test_write_eof_sends_close_notify_and_keeps_reading(pki: Pki) -> None:
+    """TLS half-close: after write_eof the peer gets close_notify (its reads
+    end) while what it still sends reaches the app; its own close ends it."""
+    factory = make_factory(
+        TransportSocketConfig("envoy.transport_sockets.tls", server_tls(pki)), default_engine="openssl"
+    )
+
+    class HalfCloser(Echo):
+        def __init__(self, security: SecurityInfo) -> None:
+            super().__init__(security)
+            self.after_eof: list[bytes] = []
+
+        def data_received(self, data: bytes) -> None:
+            assert self.transport is not None
+            if data == b"bye":
+                assert self.transport.can_write_eof()
+                self.transport.write(b"last words")
+                self.transport.write_eof()
+            else:
+                self.after_eof.append(data)
+
+    def client() -> bytes:
+        ctx = ssl.create_default_context(cadata=pki.ca_pem.decode())
+        with (
+            socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"bye")
+            received = b""
+            while chunk := tls.recv(4096):  # b"" once close_notify arrives
+                received += chunk
+            tls.sendall(b"still here")  # our write side is still open
+            return received
+
+    async with TlsServer(factory, HalfCloser) as srv:
+        received = await asyncio.wait_for(asyncio.to_thread(client), 10)
+        assert received == b"last words"
+        app = srv.apps[0]
+        assert isinstance(app, HalfCloser)
+        await srv.wait_for(lambda: app.after_eof == [b"still here"] or app.closed.done())
+        assert app.after_eof == [b"still here"]
+
+
+async def test_peer_close_notify_reaches_the_app_as_eof(pki: Pki) -> None:
+    """The peer's close_notify is an end of stream for the app (the SSLObject
+    signals it with an empty read, not an exception)."""
+    factory = make_factory(
+        TransportSocketConfig("envoy.transport_sockets.tls", server_tls(pki)), default_engine="openssl"
+    )
+
+    class EofRecorder(Echo):
+        def __init__(self, security: SecurityInfo) -> None:
+            super().__init__(security)
+            self.eof = asyncio.get_running_loop().create_future()
+
+        def eof_received(self) -> bool:
+            if not self.eof.done():
+                self.eof.set_result(True)
+            return False
+
+    def client() -> bytes:
+        ctx = ssl.create_default_context(cadata=pki.ca_pem.decode())
+        with (
+            socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"ping")
+            echoed = tls.recv(4)
+            tls.unwrap()  # close_notify, the TCP connection stays open
+            return echoed
+
+    async with TlsServer(factory, EofRecorder) as srv:
+        assert await asyncio.wait_for(asyncio.to_thread(client), 10) == b"ping"
+        app = srv.apps[0]
+        assert isinstance(app, EofRecorder)
+        assert await asyncio.wait_for(app.eof, 5)

@@ -82,6 +82,8 @@ class SslConnection(asyncio.Protocol):
         self._app_transport: TlsAppTransport | None = None
         self.security: SecurityInfo | None = None
         self._closing = False
+        # close_notify sent (write_eof): reads go on until the peer closes.
+        self._write_closed = False
         self._lost = False
         self._app_reading = True
         self._resume_scheduled = False
@@ -215,7 +217,12 @@ class SslConnection(asyncio.Protocol):
                 self.abort()
                 return
             if not chunk:
-                break
+                # Reading the peer's close_notify makes SSLObject.read return
+                # b"" rather than raise SSLZeroReturnError (CPython's _ssl):
+                # the peer is done sending, so the app gets its EOF now.
+                self._flush()
+                self._deliver_eof()
+                return
             if isinstance(app, asyncio.Protocol):
                 app.data_received(chunk)
         # Reads can produce records to send (TLS 1.3 key updates, alerts).
@@ -234,7 +241,7 @@ class SslConnection(asyncio.Protocol):
     # -- called by TlsAppTransport --------------------------------------- #
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing or not data:
+        if self._closing or self._write_closed or not data:
             return
         view = memoryview(data)
         try:
@@ -245,6 +252,22 @@ class SslConnection(asyncio.Protocol):
             log.debug("TLS write failed: %s", exc)
             self.abort()
             return
+        self._flush()
+
+    def write_eof(self) -> None:
+        """Half-close: send close_notify and keep reading until the peer closes.
+
+        TLS 1.3 lets either side close its write direction alone (RFC 8446
+        §6.1), so an HTTP/1.1 server can end a ``Connection: close`` response
+        at once without risking the RST that closing a socket with unread
+        input causes; the peer answers with its own close_notify or a FIN."""
+        if self._closing or self._write_closed:
+            return
+        self._write_closed = True
+        try:
+            self._ssl.unwrap()  # queues close_notify; the peer's is awaited by reading on
+        except ssl.SSLError:
+            pass
         self._flush()
 
     def close(self) -> None:
@@ -318,10 +341,10 @@ class TlsAppTransport(asyncio.Transport):
         self._conn.write(b"".join(list_of_data))
 
     def can_write_eof(self) -> bool:
-        return False  # TLS has no half-close
+        return True  # close_notify closes our write side only
 
     def write_eof(self) -> None:
-        raise NotImplementedError("TLS connections cannot be half-closed")
+        self._conn.write_eof()
 
     def close(self) -> None:
         self._conn.close()
