@@ -337,7 +337,7 @@ class ClientHandshake(HandshakeMachine):
             find_extension(request.extensions, ExtensionType.signature_algorithms) or b"",
             "signature_algorithms",
         )
-        scheme = next((s for s in self.config.signing_schemes if s in offered), None)
+        scheme = self._signing_scheme_for(offered)
         if scheme is None:
             raise TlsAlertError(
                 AlertDescription.handshake_failure, "no common signature scheme for our certificate"

@@ -203,10 +203,10 @@ class ServerHandshake(HandshakeMachine):
     def _choose_signature_scheme(self, offer: _Offer) -> int:
         if not offer.schemes:
             raise TlsAlertError(AlertDescription.missing_extension, "ClientHello lacks signature_algorithms")
-        for scheme in self.config.signing_schemes:
-            if scheme in offer.schemes:
-                return scheme
-        raise TlsAlertError(AlertDescription.handshake_failure, "no common signature scheme")
+        scheme = self._signing_scheme_for(offer.schemes)
+        if scheme is None:
+            raise TlsAlertError(AlertDescription.handshake_failure, "no common signature scheme")
+        return scheme
 
     # -- resumption --------------------------------------------------------- #
 

@@ -224,6 +224,10 @@ class HandshakeMachine:
         entries = tuple(CertificateEntry(der) for der in self.config.certificate_chain)
         self._send(Certificate(context, entries).serialize())
 
+    def _signing_scheme_for(self, offered: Sequence[int]) -> int | None:
+        """Our most preferred signing scheme the peer accepts, if any."""
+        return next((s for s in self.config.signing_schemes if s in offered), None)
+
     def _request_signature(self, scheme: int, then: Callable[[], None]) -> None:
         """Pause: the caller signs what we emit and calls provide_signature."""
         content = signed_content(self._digest(), server=not self.is_client)
