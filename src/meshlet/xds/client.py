@@ -135,6 +135,8 @@ class AdsClient:
                 log.warning("ADS stream to %s ended; reconnecting", self._address)
             except (grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
                 log.warning("ADS stream to %s failed: %s", self._address, _describe(exc))
+            except Exception:  # a bug must not leave the proxy without updates for ever
+                log.exception("ADS stream to %s broke; reconnecting", self._address)
             finally:
                 self.connected.clear()
             await asyncio.sleep(self._backoff.next_delay())
@@ -285,7 +287,13 @@ class AdsClient:
 
     async def _apply(self, candidate: dict[str, dict[str, Received]]) -> None:
         """Build and apply; any failure becomes a ConfigError (a NACK) and changes nothing."""
-        config = self.assembler.build(candidate)
+        try:
+            config = self.assembler.build(candidate)
+        except ConfigError:
+            raise
+        except Exception as exc:  # the compiler failing otherwise is still this config's rejection
+            log.exception("compiling the config from %s failed", self._address)
+            raise ConfigError("", f"cannot compile: {exc}") from exc
         try:
             await self._target.apply(config)
         except ConfigError:
