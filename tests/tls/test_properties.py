@@ -90,15 +90,20 @@ RFC_MESSAGES = [
 ]
 
 
+def _mutated(data: st.DataObject, original: bytes, most: int) -> bytes:
+    """``original`` with 1 to ``most`` bytes overwritten at drawn positions."""
+    mutated = bytearray(original)
+    for _ in range(data.draw(st.integers(1, most))):
+        index = data.draw(st.integers(0, len(mutated) - 1))
+        mutated[index] = data.draw(st.integers(0, 255))
+    return bytes(mutated)
+
+
 @FAST
 @given(st.sampled_from(RFC_MESSAGES), st.data())
 def test_mutated_rfc_messages_raise_only_alerts(raw: bytes, data: st.DataObject) -> None:
-    mutated = bytearray(raw[4:])
-    for _ in range(data.draw(st.integers(1, 4))):
-        index = data.draw(st.integers(0, len(mutated) - 1))
-        mutated[index] = data.draw(st.integers(0, 255))
     try:
-        parse_message(raw[0], bytes(mutated))
+        parse_message(raw[0], _mutated(data, raw[4:], 4))
     except TlsAlertError:
         pass
 
@@ -147,11 +152,9 @@ CLIENT_FLIGHT = _client_hello_record()
 @FAST
 @given(st.data())
 def test_server_survives_mutated_client_hello(data: st.DataObject) -> None:
-    mutated = bytearray(CLIENT_FLIGHT)
-    for _ in range(data.draw(st.integers(1, 6))):
-        mutated[data.draw(st.integers(0, len(mutated) - 1))] = data.draw(st.integers(0, 255))
+    mutated = _mutated(data, CLIENT_FLIGHT, 6)
     conn = TlsConnection(server_config(), client=False)
-    assert_no_internal_error(drive(conn, bytes(mutated)))
+    assert_no_internal_error(drive(conn, mutated))
 
 
 def _server_flight() -> bytes:
@@ -194,12 +197,10 @@ def test_every_split_of_the_server_flight_parses_the_same(cuts: list[int]) -> No
 @FAST
 @given(st.data())
 def test_client_survives_mutated_server_flight(data: st.DataObject) -> None:
-    mutated = bytearray(SERVER_FLIGHT)
-    for _ in range(data.draw(st.integers(1, 4))):
-        mutated[data.draw(st.integers(0, len(mutated) - 1))] = data.draw(st.integers(0, 255))
+    mutated = _mutated(data, SERVER_FLIGHT, 4)
     conn = TlsConnection(client_config(), client=True, server_name="localhost")
     conn.data_to_send()
-    assert_no_internal_error(drive(conn, bytes(mutated)))
+    assert_no_internal_error(drive(conn, mutated))
 
 
 @FAST
