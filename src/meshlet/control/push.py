@@ -208,6 +208,8 @@ class ConfigPusher:
 
     async def _rebuild(self) -> None:
         resources = ResourceSet.of(self._objects.values(), self._revision)
+        # Shared tables that did not change keep their encodings (made for the proxies already).
+        resources.inherit_parts(self.resources)
         self.resources = resources
         self.rebuilds += 1
         await self._translate([s for s in self.cache.status() if s.connected], resources)

@@ -29,7 +29,7 @@ from typing import Any
 from envoy.service.discovery.v3 import discovery_pb2
 
 from meshlet.xds.cache import NodeStatus, SnapshotCache
-from meshlet.xds.snapshot import RESOURCE_TYPES, Resource, Snapshot, with_nonce
+from meshlet.xds.snapshot import RESOURCE_TYPES, Resource, Snapshot, nonce_field, with_nonce
 
 WILDCARD = "*"
 # Requests beyond these bounds are refused: one proxy needs far fewer names.
@@ -39,15 +39,18 @@ MAX_ERROR_DETAIL = 4096
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """One response to send: a serialized body (often shared by every stream of a group)
-    and this stream's nonce, joined only when written (``encode``) so thousands of
-    streams never hold their own copy at once."""
+    """One response to send: a serialized body (often shared by every stream of a group,
+    or in pieces shared by every proxy of the mesh) and this stream's nonce, joined only
+    when written (``encode``) so thousands of streams never hold their own copy at once."""
 
-    body: bytes
+    body: bytes | tuple[bytes, ...]
     nonce: str
 
     def encode(self) -> bytes:
-        return with_nonce(self.body, self.nonce)
+        body = self.body
+        if isinstance(body, bytes):
+            return with_nonce(body, self.nonce)
+        return b"".join((*body, nonce_field(self.nonce)))
 
 
 class StreamError(Exception):
@@ -176,7 +179,7 @@ class SotwStream:
         state.version = snapshot.version(type_url)
         state.nonce = self._nonces.next()
         self._cache.record_sent(self.status, type_url, state.version, state.nonce)
-        return Outgoing(body.data, state.nonce)
+        return Outgoing(body.parts, state.nonce)
 
 
 # --------------------------------------------------------------------------- #

@@ -1,6 +1,7 @@
 """The translator: Istio-style resources and the registry -> one proxy's xDS snapshot.
 
     rs = ResourceSet.of(resources)              # once per store revision
+    rs.inherit_parts(previous_rs)                # optional: reuse unchanged shared tables
     snapshot = translate(node, rs, identity)     # per proxy (sidecar or gateway)
     result = translate_with_status(node, rs, identity)   # .snapshot and .status
 
@@ -9,10 +10,17 @@ translator cannot do for a proxy, or does differently from the config
 (unknown destinations, unsupported settings, AuthorizationPolicy and
 RequestAuthentication that are stored but not enforced yet), is recorded in
 the proxy's ``TranslationStatus`` rather than dropped silently.
+
+A snapshot is ``Snapshot.from_parts(shared, own)``: the mesh-wide clusters,
+endpoints and (for sidecars) outbound listeners and routes are one
+``SharedParts`` per resource set and kind of proxy (``shared_parts``), so
+thousands of sidecars hold, version and encode them once; only inbound
+listeners and clusters and secrets are the proxy's own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -35,7 +43,17 @@ from meshlet.control.translate.security import (
 )
 from meshlet.control.translate.sidecar import sidecar_config
 from meshlet.control.translate.status import Note, TranslationStatus
-from meshlet.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Snapshot, pack
+from meshlet.xds.snapshot import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    SECRET,
+    Resource,
+    SharedParts,
+    Snapshot,
+    pack,
+)
 
 __all__ = [
     "GATEWAY",
@@ -74,17 +92,14 @@ def translate_with_status(node: ProxyNode, resources: ResourceSet,
         status.warning("", problem)
     mtls = has_mesh_certificate(node, identity)
     workload = resources.workload_of(node.id, node.name, node.namespace)
-    messages: dict[str, list[Message]] = {SECRET: [], CLUSTER: [], ENDPOINT: [], LISTENER: [], ROUTE: []}
-    # What every proxy shares is packed once per resource set, not once per proxy.
-    packed: dict[str, list[Resource]] = {t: [] for t in messages}
     clusters = outbound_clusters(resources, mtls, status)
-    messages[CLUSTER] += clusters
-    packed[CLUSTER] += shared_packs(resources, ("clusters", mtls), clusters)
     assignments = load_assignments(resources)
-    messages[ENDPOINT] += assignments
-    packed[ENDPOINT] += shared_packs(resources, "endpoints", assignments)
+    # Mesh-wide messages go into parts built and versioned once per resource set and
+    # shared by every proxy's snapshot; only the proxy's own are packed here.
+    shared: dict[str, list[Message]] = {CLUSTER: list(clusters), ENDPOINT: list(assignments)}
     own: dict[str, list[Message]] = {SECRET: mesh_secrets(node, identity), LISTENER: [], ROUTE: [],
                                      CLUSTER: []}
+    parts_key: tuple[object, ...] = ("mesh", mtls)
     if node.kind == GATEWAY:
         labels = dict(workload.spec.labels) if workload is not None else {"istio": node.name}
         gateway = gateway_config(resources, node, labels, identity, status)
@@ -96,24 +111,31 @@ def translate_with_status(node: ProxyNode, resources: ResourceSet,
         sidecar = sidecar_config(resources, node, workload, mtls, status)
         own[LISTENER] += sidecar.listeners
         own[CLUSTER] += sidecar.clusters
-        messages[ROUTE] += sidecar.routes
-        packed[ROUTE] += [shared_pack(resources, route) for route in sidecar.routes]
-    for type_url, items in own.items():
-        messages[type_url] += items
-        packed[type_url] += [pack(m) for m in items]
+        shared[LISTENER] = list(sidecar.outbound_listeners)
+        shared[ROUTE] = list(sidecar.routes)
+        parts_key = ("sidecar", mtls, sidecar.outbound_key)
+    parts = shared_parts(resources, parts_key, shared)
+    snapshot = Snapshot.from_parts(parts, {t: [pack(m) for m in items] for t, items in own.items()})
     namespace = workload.namespace if workload is not None else node.namespace
     note_unenforced_policies(resources, namespace, labels, status)
-    return Translation(Snapshot(packed), status, messages)
+    messages = {t: shared.get(t, []) + own.get(t, []) for t in (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)}
+    return Translation(snapshot, status, messages)
+
+
+def shared_parts(resources: ResourceSet, key: Hashable, messages: dict[str, list[Message]]) -> SharedParts:
+    """The ``SharedParts`` of ``messages``, the same for every proxy asking with ``key``:
+    packed and versioned once per resource set, and holding the previous set's tables
+    where nothing changed (their encodings are made already)."""
+    def build() -> SharedParts:
+        packed = {t: shared_packs(resources, (key, t), items) for t, items in messages.items()}
+        return SharedParts(packed).carry_over(resources.previous_parts(key))
+
+    return resources.memo(("parts", key), build)
 
 
 def shared_packs(resources: ResourceSet, key: object, messages: list[Message]) -> list[Resource]:
     """``messages`` (built once per resource set under ``key``) packed once too."""
     return resources.memo(("packed", key), lambda: [pack(m) for m in messages])
-
-
-def shared_pack(resources: ResourceSet, message: Message) -> Resource:
-    """A message the resource set's memo holds (so its id is not reused while it lives)."""
-    return resources.memo(("packed-message", id(message)), lambda: pack(message))
 
 
 def _credential_secrets(names: list[str], identity: MeshIdentity | None) -> list[Message]:

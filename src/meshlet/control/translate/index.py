@@ -136,6 +136,8 @@ class ResourceSet:
     problems: list[str] = field(default_factory=list)
     revision: int = 0
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+    # The shared snapshot parts an earlier set built, by key (see ``inherit_parts``).
+    _earlier_parts: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, resources: Iterable[Resource], revision: int = 0) -> ResourceSet:
@@ -188,6 +190,16 @@ class ResourceSet:
         except KeyError:
             value = self._memo[key] = build()
             return value
+
+    def inherit_parts(self, earlier: ResourceSet) -> None:
+        """Let ``previous_parts`` offer the shared parts ``earlier`` built (only those: the
+        earlier set itself is not kept), so tables that did not change are used again."""
+        self._earlier_parts = {key[1]: value for key, value in earlier._memo.items()
+                               if isinstance(key, tuple) and len(key) == 2 and key[0] == "parts"}
+
+    def previous_parts(self, key: Any) -> Any:
+        """What the set given to ``inherit_parts`` built under ``("parts", key)``, if anything."""
+        return self._earlier_parts.get(key)
 
     def resolve_host(self, host: str, namespace: str) -> str:
         """The full host a (possibly short) name in ``namespace`` means."""
@@ -255,6 +267,24 @@ class ResourceSet:
         return {w.spec.proxy_id: w for w in self.workloads if w.spec.proxy_id}
 
     def services_selecting(self, workload: Workload) -> list[MeshService]:
-        return [s for s in self.services.values()
-                if s.selector is not None and s.namespace == workload.namespace
-                and labels_match(s.selector, workload.spec.labels)]
+        """Services of the workload's namespace whose selector its labels satisfy, in order."""
+        by_label = self.memo("services_by_selector", self._index_service_selectors)
+        labels = workload.spec.labels
+        candidates: set[int] = set(by_label.get((workload.namespace, "", ""), ()))
+        for key, value in labels.items():
+            candidates.update(by_label.get((workload.namespace, key, value), ()))
+        ordered = self.memo("services_in_order", lambda: list(self.services.values()))
+        chosen = (ordered[i] for i in sorted(candidates))
+        return [s for s in chosen if s.selector is not None and labels_match(s.selector, labels)]
+
+    def _index_service_selectors(self) -> dict[tuple[str, str, str], list[int]]:
+        """(namespace, label, value) -> positions of services whose selector names it;
+        (namespace, "", "") -> those with an empty selector (they select every workload)."""
+        index: dict[tuple[str, str, str], list[int]] = {}
+        for position, service in enumerate(self.services.values()):
+            if service.selector is None:
+                continue
+            items = service.selector.items() or [("", "")]
+            for key, value in items:
+                index.setdefault((service.namespace, key, value), []).append(position)
+        return index

@@ -20,8 +20,8 @@ port's targetPort or number when that differs from the inbound port.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -58,9 +58,14 @@ DEFAULT_OUTBOUND_ADDRESS = "127.0.0.1"
 
 @dataclass
 class SidecarConfig:
+    """``listeners`` and ``clusters`` are the sidecar's own (inbound); ``outbound_listeners``
+    and ``routes`` are built once for every sidecar with the same ``outbound_key``."""
+
     listeners: list[listener_pb2.Listener]
     routes: list[route_pb2.RouteConfiguration]
     clusters: list[cluster_pb2.Cluster]
+    outbound_listeners: list[listener_pb2.Listener] = field(default_factory=list)
+    outbound_key: Hashable = None
 
 
 def shared(rs: ResourceSet, key: object, build: Callable[[TranslationStatus], T],
@@ -87,8 +92,16 @@ def sidecar_config(rs: ResourceSet, node: ProxyNode, workload: Workload | None, 
     if workload is not None:
         outbound_address = workload.metadata.annotations.get(OUTBOUND_ADDRESS, DEFAULT_OUTBOUND_ADDRESS)
         labels = dict(workload.spec.labels)
-    taken = {(workload.spec.address, p) for p in inbound_ports} if workload is not None else set()
-    _outbound(rs, node, outbound_address, labels, taken, config, status)
+    # An outbound port that is also an inbound one on the same address is left out.
+    taken = frozenset(inbound_ports) if workload is not None and workload.spec.address == outbound_address \
+        else frozenset()
+    ctx_key: tuple[str, tuple[tuple[str, str], ...]] | None = None
+    if rs.memo("source_matches", lambda: uses_source_matches(rs)):
+        ctx_key = (node.namespace, route_labels(labels))
+    config.outbound_key = ("outbound", outbound_address, taken, ctx_key)
+    outbound = shared(rs, config.outbound_key,
+                      lambda notes: _outbound(rs, outbound_address, ctx_key, taken, notes), status)
+    config.outbound_listeners, config.routes = outbound
     return config
 
 
@@ -107,10 +120,15 @@ def _outbound_ports(rs: ResourceSet) -> dict[int, tuple[bool, list[MeshService]]
     return ports
 
 
-def _outbound(rs: ResourceSet, node: ProxyNode, address: str, labels: dict[str, str],
-              taken: set[tuple[str, int]], config: SidecarConfig, status: TranslationStatus) -> None:
+def _outbound(rs: ResourceSet, address: str, ctx_key: tuple[str, tuple[tuple[str, str], ...]] | None,
+              taken: frozenset[int], status: TranslationStatus,
+              ) -> tuple[list[listener_pb2.Listener], list[route_pb2.RouteConfiguration]]:
+    """Outbound listeners on ``address`` and their routes; ``ctx_key`` is the client's
+    (namespace, labels) when some route matches on them, else None (routes alike for all)."""
+    listeners: list[listener_pb2.Listener] = []
+    routes: list[route_pb2.RouteConfiguration] = []
     for number, (http, services) in sorted(rs.memo("outbound_ports", lambda: _outbound_ports(rs)).items()):
-        if (address, number) in taken:
+        if number in taken:
             status.error("", f"outbound port {address}:{number} is the workload's inbound port; "
                          f"outbound traffic to port {number} is not captured")
             continue
@@ -118,18 +136,17 @@ def _outbound(rs: ResourceSet, node: ProxyNode, address: str, labels: dict[str, 
         if http:
             out = listener(name, address, number)
             out.filter_chains.add().filters.append(rds_manager(f"outbound_{number}", str(number)))
-            config.listeners.append(out)
-            ctx = RouteContext(number, MESH_GATEWAY, node.namespace, route_labels(labels))
-            if not rs.memo("source_matches", lambda: uses_source_matches(rs)):
-                # Routes do not depend on who asks: one configuration for every sidecar.
-                ctx = RouteContext(number, MESH_GATEWAY, "", ())
-            config.routes.append(shared(rs, ("outbound_routes", ctx), _route_builder(rs, ctx), status))
+            listeners.append(out)
+            ctx = RouteContext(number, MESH_GATEWAY, "", ()) if ctx_key is None else \
+                RouteContext(number, MESH_GATEWAY, ctx_key[0], ctx_key[1])
+            routes.append(shared(rs, ("outbound_routes", ctx), _route_builder(rs, ctx), status))
             continue
         cluster = _tcp_destination(rs, services, number, status)
         if cluster is not None:
             out = listener(name, address, number)
             out.filter_chains.add().filters.append(tcp_proxy(f"outbound_{number}", cluster))
-            config.listeners.append(out)
+            listeners.append(out)
+    return listeners, routes
 
 
 def uses_source_matches(rs: ResourceSet) -> bool:
