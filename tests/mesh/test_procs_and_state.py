@@ -4,6 +4,7 @@ state directory's bookkeeping (addresses, names, the apps' service environment).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,33 @@ def test_stop_ends_the_whole_process_group(tmp_path: Path) -> None:
     finally:
         if recorded.alive():
             os.killpg(recorded.pid, 9)
+
+
+def test_a_tied_process_ends_when_its_starter_is_killed(tmp_path: Path) -> None:
+    starter_code = (
+        "import sys, time; from pathlib import Path; from meshlet.mesh.procs import spawn_detached; "
+        f"r = spawn_detached('tied', [sys.executable, '-c', 'import time; time.sleep(60)'], "
+        f"pid_file=Path({str(tmp_path / 't.pid')!r}), log_file=Path({str(tmp_path / 't.log')!r}), "
+        "tied=True); "
+        "print(r.pid, flush=True); time.sleep(60)")
+    starter = subprocess.Popen([sys.executable, "-c", starter_code], stdout=subprocess.PIPE, text=True)
+    tied_pid = 0
+    try:
+        assert starter.stdout is not None
+        tied_pid = int(starter.stdout.readline())
+        assert start_ticks(tied_pid) is not None
+        starter.kill()  # no chance to stop anything itself
+        starter.wait(5)
+        deadline = time.monotonic() + 5
+        while not _gone(tied_pid):
+            assert time.monotonic() < deadline, "the tied process outlived its starter"
+            time.sleep(0.02)
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+            starter.wait(5)
+        if tied_pid and not _gone(tied_pid):
+            os.kill(tied_pid, 9)
 
 
 def test_a_pid_file_for_a_process_that_ended_kills_nothing(tmp_path: Path) -> None:

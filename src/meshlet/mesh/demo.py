@@ -106,9 +106,10 @@ def gateway_yaml(port: int) -> str:
 
 
 def start_bookinfo(state: MeshState, say: Say, *, loopback_block: int = 10,
-                   gateway_port: int | None = None) -> tuple[MeshInfo, int]:
-    """The mesh up with bookinfo's config and workloads; returns the gateway's port."""
-    info = mesh_up(state, UpOptions(loopback_block=loopback_block), say)
+                   gateway_port: int | None = None, tied: bool = True) -> tuple[MeshInfo, int]:
+    """The mesh up with bookinfo's config and workloads; returns the gateway's port.
+    ``tied``: the mesh's processes end with this one."""
+    info = mesh_up(state, UpOptions(loopback_block=loopback_block, tied=tied), say)
     client = MeshClient(info.api_url, info.status_url)
     port = gateway_port or (GATEWAY_PORT if port_is_free(GATEWAY_PORT) else free_port())
     if port != GATEWAY_PORT:
@@ -118,7 +119,8 @@ def start_bookinfo(state: MeshState, say: Say, *, loopback_block: int = 10,
     client.apply(gateway_yaml(port))
     app = str(bookinfo_dir() / "app.py")
     for service, version in BOOKINFO:
-        run_workload(state, RunRequest(service, [sys.executable, app, service], version=version), say)
+        run_workload(state, RunRequest(service, [sys.executable, app, service], version=version, tied=tied),
+                     say)
     return info, port
 
 

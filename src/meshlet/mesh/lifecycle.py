@@ -99,6 +99,8 @@ class UpOptions:
     loopback_block: int = DEFAULT_LOOPBACK_BLOCK
     trust_domain: str = "cluster.local"
     gateway: bool = True
+    # End the mesh's processes when this process dies (the demo).
+    tied: bool = False
 
 
 def ensure_ca(state: MeshState, trust_domain: str) -> None:
@@ -125,7 +127,7 @@ def mesh_up(state: MeshState, options: UpOptions = UpOptions(), progress: Progre
     argv = _python_module("meshlet.mesh.controlplane", "--store", store_url, "--api-port", str(api_port),
                           "--xds-port", str(xds_port))
     plane = spawn_detached(CONTROL_PLANE, argv, pid_file=state.pid_file(CONTROL_PLANE),
-                           log_file=state.log_file(CONTROL_PLANE), env=env)
+                           log_file=state.log_file(CONTROL_PLANE), env=env, tied=options.tied)
     gateway_node = node_id(GATEWAY_KIND, "127.0.0.1", GATEWAY_NAME, GATEWAY_NAMESPACE)
     info = MeshInfo(api_url=f"http://127.0.0.1:{api_port}", xds_address=f"127.0.0.1:{xds_port}",
                     status_url=f"http://127.0.0.1:{status_port}{STATUS_PATH}", store_url=store_url,
@@ -138,7 +140,7 @@ def mesh_up(state: MeshState, options: UpOptions = UpOptions(), progress: Progre
         progress(f"control plane: api {info.api_url}, xDS {info.xds_address}, store {store_url} "
                  f"(pid {plane.pid})")
         if options.gateway:
-            gateway = start_gateway(state, info)
+            gateway = start_gateway(state, info, tied=options.tied)
             _wait(lambda: sidecar_ready(info.gateway_admin_port), "the gateway got its config", gateway)
             progress(f"ingress gateway: node {gateway_node}, "
                      f"admin http://127.0.0.1:{info.gateway_admin_port}/ (pid {gateway.pid})")
@@ -157,13 +159,14 @@ def _answers(client: MeshClient) -> bool:
     return True
 
 
-def start_gateway(state: MeshState, info: MeshInfo) -> Recorded:
+def start_gateway(state: MeshState, info: MeshInfo, *, tied: bool = False) -> Recorded:
     config = state.proxy_config(GATEWAY)
     config.parent.mkdir(parents=True, exist_ok=True)
     bootstrap = ads_bootstrap(info.gateway_node, GATEWAY_NAME, info.xds_address, info.gateway_admin_port)
     config.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
     argv = _python_module("meshlet.cli.main", "proxy", "--config", str(config), "--log-level", "warning")
-    return spawn_detached(GATEWAY, argv, pid_file=state.pid_file(GATEWAY), log_file=state.log_file(GATEWAY))
+    return spawn_detached(GATEWAY, argv, pid_file=state.pid_file(GATEWAY), log_file=state.log_file(GATEWAY),
+                          tied=tied)
 
 
 # -- down ------------------------------------------------------------------------------------------ #
@@ -204,6 +207,7 @@ class RunRequest:
     service_account: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     ready_timeout: float = READY_TIMEOUT
+    tied: bool = False
 
 
 def service_env(services: list[dict[str, object]], namespace: str, outbound: str) -> dict[str, str]:
@@ -273,7 +277,7 @@ def run_workload(state: MeshState, request: RunRequest, progress: Progress = _qu
                                 _python_module("meshlet.mesh.workload", "--dir", str(state.root),
                                                "--name", name),
                                 pid_file=state.pid_file(WORKLOAD_PREFIX + name),
-                                log_file=state.log_file(WORKLOAD_PREFIX + name))
+                                log_file=state.log_file(WORKLOAD_PREFIX + name), tied=request.tied)
     try:
         _wait(lambda: sidecar_ready(record.admin_port) and app_accepts(record.app_port),
               "the sidecar got its config and the app accepted connections", supervisor,

@@ -8,6 +8,7 @@ a process that merely reused the pid after ours ended.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+PR_SET_PDEATHSIG = 1
 STOP_GRACE = 10.0
 KILL_WAIT = 5.0
 POLL = 0.05
@@ -65,16 +67,28 @@ def read_pid_file(path: Path) -> Recorded | None:
         raise ProcessError(f"{path}: unreadable pid file ({exc})") from None
 
 
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the starter still stops it on every normal exit path
+
+
 def spawn_detached(name: str, argv: Sequence[str], *, pid_file: Path, log_file: Path,
-                   env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Recorded:
-    """Start ``argv`` in its own session, output to ``log_file``, recorded in ``pid_file``."""
+                   env: Mapping[str, str] | None = None, cwd: Path | None = None,
+                   tied: bool = False) -> Recorded:
+    """Start ``argv`` in its own session, output to ``log_file``, recorded in ``pid_file``.
+    ``tied``: it also ends when this process dies, however it dies (the demo's mesh must
+    not outlive the demo; ``meshlet up``'s must outlive the command)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as log:
         try:
             proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     env=dict(env) if env is not None else None, cwd=cwd,
-                                    start_new_session=True)
+                                    start_new_session=True,
+                                    preexec_fn=_terminate_with_parent if tied else None)
         except OSError as exc:
             raise ProcessError(f"cannot start {name} ({argv[0]}): {exc.strerror}") from None
     started = start_ticks(proc.pid)
