@@ -19,12 +19,13 @@ from meshlet.bench.apps import examples_dir
 from meshlet.bench.procs import free_port
 from meshlet.mesh.client import MeshClient
 from meshlet.mesh.demo import gateway_yaml, wait_synced
+from meshlet.mesh.lifecycle import pick_loopback_block
 from meshlet.mesh.procs import start_ticks
 from meshlet.mesh.state import MeshState
 
 BOOKINFO = examples_dir() / "bookinfo"
-# A loopback block of its own, so a demo running on the machine does not collide.
-BLOCK = 203
+# A loopback block of its own, so a demo or another test run on the machine does not collide.
+BLOCK = pick_loopback_block(9080, preferred=203)
 WORKLOADS = (("details", "v1"), ("ratings", "v1"), ("reviews", "v1"), ("reviews", "v2"),
              ("productpage", "v1"))
 

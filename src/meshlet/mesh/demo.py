@@ -29,10 +29,19 @@ from meshlet.bench.apps import examples_dir
 from meshlet.bench.procs import free_port, port_is_free
 from meshlet.bench.stats import percentile
 from meshlet.mesh.client import ControlPlaneError, MeshClient
-from meshlet.mesh.lifecycle import MeshError, RunRequest, UpOptions, mesh_down, mesh_up, run_workload
+from meshlet.mesh.lifecycle import (
+    MeshError,
+    RunRequest,
+    UpOptions,
+    mesh_down,
+    mesh_up,
+    pick_loopback_block,
+    run_workload,
+)
 from meshlet.mesh.state import MeshInfo, MeshState, StateError
 
 GATEWAY_PORT = 8080
+SERVICE_PORT = 9080  # bookinfo's services' port
 SYNC_TIMEOUT = 30.0
 TRANSLATE_GRACE = 0.3
 MIRROR_SETTLE = 3.0
@@ -105,11 +114,12 @@ def gateway_yaml(port: int) -> str:
     return text.replace(f"number: {GATEWAY_PORT}", f"number: {port}")
 
 
-def start_bookinfo(state: MeshState, say: Say, *, loopback_block: int = 10,
+def start_bookinfo(state: MeshState, say: Say, *, loopback_block: int | None = None,
                    gateway_port: int | None = None, tied: bool = True) -> tuple[MeshInfo, int]:
     """The mesh up with bookinfo's config and workloads; returns the gateway's port.
     ``tied``: the mesh's processes end with this one."""
-    info = mesh_up(state, UpOptions(loopback_block=loopback_block, tied=tied), say)
+    block = loopback_block if loopback_block is not None else pick_loopback_block(SERVICE_PORT)
+    info = mesh_up(state, UpOptions(loopback_block=block, tied=tied), say)
     client = MeshClient(info.api_url, info.status_url)
     port = gateway_port or (GATEWAY_PORT if port_is_free(GATEWAY_PORT) else free_port())
     if port != GATEWAY_PORT:
@@ -214,7 +224,7 @@ def plaintext_refused(state: MeshState, workload: str) -> str:
     """A plaintext request straight to ``workload``'s sidecar inbound port: what happened."""
     record = state.workload(workload)
     try:
-        response = httpx.get(f"http://{record.inbound_address}:9080/productpage", timeout=5.0)
+        response = httpx.get(f"http://{record.inbound_address}:{SERVICE_PORT}/productpage", timeout=5.0)
     except (OSError, httpx.HTTPError) as exc:
         return f"refused ({type(exc).__name__})"
     return f"answered {response.status_code} (not refused)"

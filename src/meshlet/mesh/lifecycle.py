@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -61,6 +63,25 @@ def _quiet(_message: str) -> None:
 
 def _python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_loopback_block(port: int, preferred: int = DEFAULT_LOOPBACK_BLOCK) -> int:
+    """A loopback block whose first workload addresses are free on ``port``: ``preferred``
+    when it is, else a random other one (another mesh on this machine holds ``preferred``)."""
+    candidates = [preferred, *random.sample(range(100, 255), 155)]
+    for block in candidates:
+        if _bindable(inbound_address(block, 1), port) and _bindable(outbound_address(block, 1), port):
+            return block
+    raise MeshError(f"no loopback block has {port} free")
 
 
 def _port_or_free(preferred: int | None, default: int) -> int:
@@ -278,16 +299,26 @@ def run_workload(state: MeshState, request: RunRequest, progress: Progress = _qu
                                                "--name", name),
                                 pid_file=state.pid_file(WORKLOAD_PREFIX + name),
                                 log_file=state.log_file(WORKLOAD_PREFIX + name), tied=request.tied)
+    deadline = time.monotonic() + request.ready_timeout
     try:
         _wait(lambda: sidecar_ready(record.admin_port) and app_accepts(record.app_port),
               "the sidecar got its config and the app accepted connections", supervisor,
               request.ready_timeout)
+        # Other proxies send it traffic once the registry (hence EDS) says it is healthy.
+        _wait(lambda: _health(client, request.namespace, name) == "HEALTHY",
+              "the workload was reported HEALTHY", supervisor, max(1.0, deadline - time.monotonic()))
     except (MeshError, KeyboardInterrupt):
         stop_workload(state, name)
         raise
     progress(f"{name}: sidecar inbound {inbound}, outbound {outbound}, app 127.0.0.1:{app_port}, "
              f"admin http://127.0.0.1:{record.admin_port}/ (pid {supervisor.pid})")
     return record
+
+
+def _health(client: MeshClient, namespace: str, name: str) -> str | None:
+    workload = client.get(MESHLET_GROUP, "workloads", namespace, name)
+    status = workload.get("status") if workload is not None else None
+    return str(status.get("health")) if isinstance(status, dict) else None
 
 
 def stop_workload(state: MeshState, name: str) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from meshlet.control.translate.node import ProxyNode
 from meshlet.mesh.client import ControlPlaneError, MeshClient
 from meshlet.mesh.state import MeshInfo, MeshState
 
@@ -30,8 +31,9 @@ class StatusReport:
     error: str | None = None
 
     def synced(self) -> bool:
-        """Every connected proxy ACKed what it was sent, none NACKed its latest."""
-        return self.error is None and all(p["synced"] for p in self.proxies if p["connected"])
+        """Every connected proxy ACKed the config the control plane holds for it."""
+        connected = [p for p in self.proxies if p["connected"]]
+        return self.error is None and all(p["synced"] and p["current"] for p in connected)
 
     def as_dict(self) -> dict[str, Any]:
         return {"stateDir": self.state_dir, "controlPlane": None if self.info is None else {
@@ -80,6 +82,7 @@ def _proxy_row(node: dict[str, Any]) -> dict[str, Any]:
     types = node.get("types", {})
     nacks = {t: v["last_nack"] for t, v in types.items() if v.get("last_nack")}
     return {"node": node["node_id"], "connected": node["connected"], "synced": node["synced"],
+            "current": bool(node.get("current")),
             "acked": {t: types[t]["acked_version"] for t in SHORT_TYPES if t in types},
             "nacks": nacks, "notes": node.get("notes", [])}
 
@@ -87,8 +90,13 @@ def _proxy_row(node: dict[str, Any]) -> dict[str, Any]:
 # -- the terminal view -------------------------------------------------------------------------------- #
 
 
+WIDE_OUTPUT = 160
+
+
 def render(report: StatusReport, console: Console | None = None) -> None:
     out = console or Console()
+    if console is None and not out.is_terminal:
+        out = Console(width=WIDE_OUTPUT)  # piped: don't squeeze the tables into 80 columns
     if report.info is not None:
         out.print(f"control plane: api {report.info.api_url}, xDS {report.info.xds_address}, "
                   f"store {report.info.store_url}, config revision {report.revision}")
@@ -123,11 +131,13 @@ def render(report: StatusReport, console: Console | None = None) -> None:
 
 
 def _proxy_table(report: StatusReport) -> Table:
-    table = Table("proxy (node id)", "connected", "synced", *SHORT_TYPES, title="proxies (ACKed versions)")
+    table = Table("proxy", "connected", "synced", *SHORT_TYPES, title="proxies (ACKed versions)")
     for p in report.proxies:
-        synced = "yes" if p["synced"] else "[yellow]no[/]"
+        node = ProxyNode.parse(p["node"])
+        name = f"{'gateway' if node.is_gateway else 'sidecar'} {node.name}.{node.namespace}"
+        synced = "yes" if p["synced"] and p["current"] else "[yellow]no[/]"
         if p["nacks"]:
             synced = "[red]NACK[/]"
-        table.add_row(p["node"], "yes" if p["connected"] else "no", synced,
+        table.add_row(name, "yes" if p["connected"] else "no", synced,
                       *(str(p["acked"].get(t, ""))[:10] for t in SHORT_TYPES))
     return table
