@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import yaml
 
 from meshlet.bench.handshake import merge_rounds, ratios
 from meshlet.bench.handshake_load import Window, request_bytes, response_length
+from meshlet.bench.handshake_profile import free_path, per_handshake, py_spy_binary, split_samples
 from meshlet.bench.handshake_servers import (
     KEY_PATHS,
     MESHLET_SYSTEMS,
@@ -160,3 +162,59 @@ def test_rounds_merge_into_medians_and_sums() -> None:
     assert merged["shared_core"] is False
     failed = {"name": "haproxy", "key": "p256", "error": "exited"}
     assert merge_rounds([rounds[0], failed]) == failed
+
+
+PROCESS = 'process 1:"python -m meshlet.cli.main proxy"'
+
+
+def stack(*frames: str, count: int) -> str:
+    return ";".join((PROCESS, "Runner.run (asyncio/runners.py:118)", *frames)) + f" {count}"
+
+
+def test_profile_samples_split_into_parts() -> None:
+    raw = "\n".join([
+        # Signing wins wherever it sits in the stack, hashing inside it included.
+        stack("_TlsProtocol._sign (meshlet/tls/aio.py:400)",
+              "LocalKeyProvider._sign (meshlet/keys/local.py:60)",
+              "sign (meshlet/tls/crypto.py:150)", count=30),
+        stack("emsa_pss_encode (meshlet/keys/pss.py:30)", "__hash_new (hashlib.py:120)", count=5),
+        # Otherwise the innermost frame that belongs to a part decides.
+        stack("_TlsProtocol.data_received (meshlet/tls/aio.py:300)",
+              "hkdf_expand (meshlet/tls/keyschedule.py:40)", "digest (hmac.py:10)", count=10),
+        stack("_TlsProtocol.data_received (meshlet/tls/aio.py:300)",
+              "H1ServerProtocol._serve (meshlet/proxy/http/h1_server.py:90)", count=15),
+        stack("_TlsProtocol._flush (meshlet/tls/aio.py:500)", count=20),
+        stack(count=10),  # uvloop's own work
+        # An idle pool thread is not work.
+        'process 1:"python";Thread.run (threading.py:982);_worker (concurrent/futures/thread.py:81) 500',
+        "not a sample line",
+    ])
+    parts = split_samples(raw)
+    assert parts == {
+        "private-key signing": 35, "key schedule and transcript hashes": 10,
+        "HTTP/1.1 codec, HCM, router": 15, "socket writes": 20, "event loop: epoll, accept, close": 10,
+    }
+    split = per_handshake(parts, 900.0)
+    assert next(iter(split)) == "private-key signing" and split["private-key signing"] == 350.0
+    assert sum(split.values()) == pytest.approx(900.0)
+    assert per_handshake(Counter(), 900.0) == {}
+
+
+def test_profile_files_do_not_overwrite_earlier_rounds(tmp_path: Path) -> None:
+    first = free_path(tmp_path, "meshlet-batch-rsa2048")
+    first.write_text("")
+    assert free_path(tmp_path, "meshlet-batch-rsa2048").name == "meshlet-batch-rsa2048-2.txt"
+
+
+def test_profile_option_splits_the_server_cpu(tmp_path: Path) -> None:
+    if py_spy_binary() is None:
+        pytest.skip("py-spy is not installed")
+    done = run_bench("--system", "meshlet-local", "--key", "rsa2048", "--duration", "2", "--warmup", "0.3",
+                     "--connections", "4", "--profile", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(done.stdout)["rows"]
+    split = row["profile_us_per_handshake"]
+    assert Path(row["profile_file"]).parent == tmp_path
+    assert split["private-key signing"] > 0 and split["TLS engine: codec, state machine, adapter"] > 0
+    own_us = row["server_cpu_s"] / row["server_handshakes"] * 1e6
+    assert sum(split.values()) == pytest.approx(own_us, rel=0.01)

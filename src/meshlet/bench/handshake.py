@@ -40,6 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshlet.bench.handshake_profile import (
+    free_path,
+    per_handshake,
+    py_spy_binary,
+    split_samples,
+    start_py_spy,
+)
 from meshlet.bench.handshake_servers import STARTERS, SYSTEMS, RunningServer, external_available
 from meshlet.bench.procs import Child, ChildError
 from meshlet.bench.proxy import CpuPlan, plan_cpus
@@ -58,6 +65,7 @@ class HandshakeBenchOptions:
     keys: tuple[str, ...] = KEYS
     skip_missing: bool = False  # leave out haproxy/nginx rows whose binary is not installed
     rounds: int = 1  # each (system, key) this many times, alternating; medians reported
+    profile_dir: Path | None = None  # py-spy the Python servers into this directory
 
 
 # A smoke run (about a minute for all rows): shapes and sanity, not figures to quote.
@@ -71,6 +79,7 @@ class Window:
     handshakes: int
     server_cpu_s: float
     keyserver_cpu_s: float
+    profile: Path | None = None  # py-spy's raw samples of the server over the window
 
 
 def generator_argv(port: int, opts: HandshakeBenchOptions) -> list[str]:
@@ -125,18 +134,30 @@ def run_load(server: RunningServer, opts: HandshakeBenchOptions, plan: CpuPlan,
     """The generator against ``server``; the server is read when the window opens and closes."""
     generator = Child("handshake load generator", generator_argv(server.port, opts), cpus=plan.load,
                       capture_stdout=True, log_path=workdir / f"load-{label}.log").start()
+    profiler: Child | None = None
+    profile: Path | None = None
     try:
         lines = LineReader(generator)
         lines.expect("measuring", opts.warmup_s + 30)
         handshakes_before, (cpu_before, ks_before) = server.count_handshakes(), server.cpu_s()
+        py_spy = py_spy_binary() if opts.profile_dir is not None and server.python else None
+        if py_spy is not None and opts.profile_dir is not None:
+            profile = free_path(opts.profile_dir, label)
+            profiler = start_py_spy(py_spy, server.main.pid, opts.duration_s - 0.5, profile, plan.load)
         lines.expect("stopped", opts.duration_s + 30)
         cpu_after, ks_after = server.cpu_s()
         handshakes_after = server.count_handshakes()
         summary = json.loads(lines.next_line(60))
+        if profiler is not None and profiler.proc is not None:
+            profiler.proc.wait(timeout=30)  # py-spy writes its file when its duration is up
     finally:
         generator.stop()
+        if profiler is not None:
+            profiler.stop()
     server.check_alive()
-    return summary, Window(handshakes_after - handshakes_before, cpu_after - cpu_before, ks_after - ks_before)
+    window = Window(handshakes_after - handshakes_before, cpu_after - cpu_before, ks_after - ks_before,
+                    profile)
+    return summary, window
 
 
 def to_row(name: str, key: str, server: RunningServer, load: dict[str, Any], window: Window,
@@ -171,6 +192,11 @@ def to_row(name: str, key: str, server: RunningServer, load: dict[str, Any], win
         "shared_core": plan.shared,
         "load_avg_1m": round(load_avg, 2),
     }
+    if window.profile is not None and window.profile.exists():
+        # The server process's own CPU (without the key server's), split by where its samples fell.
+        own_us = window.server_cpu_s / handshakes * 1e6
+        row["profile_us_per_handshake"] = per_handshake(split_samples(window.profile.read_text()), own_us)
+        row["profile_file"] = str(window.profile)
     if server.keyserver is not None:
         row["keyserver_cpu_us_per_handshake"] = round(window.keyserver_cpu_s / handshakes * 1e6, 1)
         row["keyserver_cpu_s"] = round(window.keyserver_cpu_s, 3)

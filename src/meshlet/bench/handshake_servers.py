@@ -66,6 +66,7 @@ class RunningServer:
     version: str
     key_path: str
     keyserver: Child | None = None  # a separate process, charged to the row but reported apart
+    python: bool = False  # a Python server (py-spy can profile it)
     others: list[Child] = field(default_factory=list)
 
     def cpu_s(self) -> tuple[float, float]:
@@ -235,7 +236,7 @@ def start_meshlet(name: str, key: str, files: KeyFiles, cpus: set[int], workdir:
             keyserver.stop()
         raise
     return RunningServer(name, port, child, lambda: meshlet_handshakes(admin_port), meshlet.__version__,
-                         KEY_PATHS[name], keyserver)
+                         KEY_PATHS[name], keyserver, python=True)
 
 
 # --------------------------------------------------------------------------- #

@@ -4,6 +4,7 @@ key provider, beside the stdlib ``ssl`` engine, HAProxy and nginx."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import click
@@ -30,10 +31,13 @@ COLUMNS = ("name", "key", "handshakes_per_s", "cpu_us_per_handshake", "p50_ms", 
               help="Concurrent connections of the load generator [32].")
 @click.option("--rounds", type=click.IntRange(min=1, max=20),
               help="Measure each row this many times, alternating; report medians [1].")
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="py-spy each Python server over its window into this directory (needs py-spy); "
+                   "rows get profile_us_per_handshake.")
 @click.option("--skip-missing", is_flag=True, help="Leave out haproxy/nginx rows when not installed.")
 def handshake_bench(as_json: bool, quick: bool, systems: tuple[str, ...], keys: tuple[str, ...],
                     duration: float | None, warmup: float | None, connections: int | None,
-                    rounds: int | None, skip_missing: bool) -> None:
+                    rounds: int | None, profile_dir: Path | None, skip_missing: bool) -> None:
     """A new TLS 1.3 connection per request: handshakes/s, server CPU per handshake, p50/p99."""
     from meshlet.bench.handshake import QUICK, HandshakeBenchOptions, run_handshake_bench
     from meshlet.bench.procs import ChildError
@@ -45,6 +49,13 @@ def handshake_bench(as_json: bool, quick: bool, systems: tuple[str, ...], keys: 
         "skip_missing": skip_missing or None,
     }
     opts = replace(opts, **{k: v for k, v in overrides.items() if v is not None})
+    if profile_dir is not None:
+        from meshlet.bench.handshake_profile import py_spy_binary
+
+        if py_spy_binary() is None:
+            raise CliError("--profile needs py-spy (pip install py-spy)", EXIT_USAGE)
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        opts = replace(opts, profile_dir=profile_dir)
     try:
         result = run_handshake_bench(opts, progress)
     except ValueError as exc:
