@@ -8,18 +8,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from meshlet.bench.admin import admin_get
 from meshlet.bench.apps import examples_dir
-from meshlet.bench.procs import free_port
+from meshlet.bench.procs import free_port, process_tree
 from meshlet.mesh.client import MeshClient
 from meshlet.mesh.demo import gateway_yaml, wait_synced
-from meshlet.mesh.lifecycle import pick_loopback_block
+from meshlet.mesh.lifecycle import pick_loopback_block, stop_workload
 from meshlet.mesh.procs import start_ticks
 from meshlet.mesh.state import MeshState
 
@@ -56,6 +60,11 @@ class Mesh:
         assert done.returncode == 0, done.stderr
         page: dict[str, object] = json.loads(done.stdout)
         return page
+
+
+def sidecar_gone(admin_port: int) -> bool:
+    status, _ = admin_get(admin_port, "/ready", 1.0)
+    return status == 0
 
 
 def _pids(state: MeshState) -> list[int]:
@@ -146,6 +155,28 @@ def test_run_refuses_a_service_that_is_not_defined(mesh: Mesh) -> None:
 def test_up_twice_is_refused(mesh: Mesh) -> None:
     done = mesh.meshlet("up", check=False)
     assert done.returncode != 0 and "already up" in done.stderr
+
+
+def test_a_workload_whose_app_exits_is_deregistered_and_its_sidecar_stopped(mesh: Mesh) -> None:
+    mesh.meshlet("run", "--service", "details", "--version", "v9", "--",
+                 sys.executable, str(BOOKINFO / "app.py"), "details")
+    supervisor = mesh.state.recorded("workload-details-v9")
+    assert supervisor is not None and supervisor.alive()
+    record = mesh.state.workload("details-v9")
+    family = process_tree(supervisor.pid)
+    assert len(family) >= 3  # the supervisor, the sidecar, the app
+    app = next(pid for pid in family if "app.py" in Path(f"/proc/{pid}/cmdline").read_text())
+    os.kill(app, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while supervisor.alive() or mesh.client.get("meshlet.dev", "workloads", "default", "details-v9"):
+        assert time.monotonic() < deadline, "the workload outlived its app"
+        time.sleep(0.1)
+    assert all(start_ticks(pid) is None for pid in family)
+    assert sidecar_gone(record.admin_port)
+    status = json.loads(mesh.meshlet("status", "--json").stdout)
+    assert "details-v9" not in {w["name"] for w in status["workloads"]}
+    assert not any("details-v9" in p["node"] and p["connected"] for p in status["proxies"])
+    stop_workload(mesh.state, "details-v9")  # forget its records
 
 
 def test_down_stops_everything_and_deregisters(mesh: Mesh) -> None:
