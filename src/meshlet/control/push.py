@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING
 
 from meshlet.control.resources import Resource
 from meshlet.control.store import Event, EventType, Store, StoreError
-from meshlet.control.translate import ProxyNode, ResourceSet, TranslationStatus, translate_with_status
+from meshlet.control.translate import (
+    OwnParts,
+    ProxyNode,
+    ResourceSet,
+    TranslationStatus,
+    translate_with_status,
+)
 from meshlet.control.translate.identity import IssuingIdentity
 from meshlet.control.translate.security import MeshIdentity
 from meshlet.xds.cache import NodeStatus, SnapshotCache
@@ -51,6 +57,10 @@ NODE_POLL = 1.0
 # Longest sleep between looks at certificate renewals.
 RENEWAL_POLL = 60.0
 STOP_TIMEOUT = 5.0
+# Proxies translated in one go before their snapshots go to the cache.
+TRANSLATE_BATCH = 250
+# The cache's own debounce under the pusher, which debounces store events already.
+CACHE_DEBOUNCE = 0.01
 
 
 def _same(a: Snapshot | None, b: Snapshot) -> bool:
@@ -88,6 +98,8 @@ class ConfigPusher:
         self._pushed: dict[str, Snapshot] = {}
         # Node id -> the ResourceSet its snapshot was built from.
         self._built_from: dict[str, ResourceSet] = {}
+        # Node id -> its own (inbound) parts, used again while what they are built from holds.
+        self._own: dict[str, OwnParts] = {}
         self._dirty = asyncio.Event()
         self._connected = asyncio.Event()
         self._first_dirty_at: float | None = None
@@ -227,9 +239,10 @@ class ConfigPusher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._connected.wait(), NODE_POLL)
             self._connected.clear()
+            resources = self.resources
             pending = [s for s in self.cache.status() if s.connected and self._unbuilt(s)]
             if pending:
-                await self._translate(pending, self.resources)
+                await self._translate(pending, resources)
 
     def _unbuilt(self, status: NodeStatus) -> bool:
         return self._built_from.get(status.node_id) is not self.resources
@@ -263,16 +276,27 @@ class ConfigPusher:
         if not nodes:
             return
         async with self._lock:
+            # Another translation may have built some while this one waited for the lock.
+            nodes = [s for s in nodes if self._built_from.get(s.node_id) is not resources]
+            if not nodes:
+                return
             await self._prepare_identities(nodes, resources)
-            # Translation is CPU work: off the event loop, so ADS streams keep flowing.
-            results = await asyncio.to_thread(self._translate_all, nodes, resources)
+            # Translation is CPU work: off the event loop, so ADS streams keep flowing. In
+            # batches, each handed to the cache when done: the first proxies get the change
+            # (and the network carries it) while the others are still being translated.
+            for start in range(0, len(nodes), TRANSLATE_BATCH):
+                batch = nodes[start:start + TRANSLATE_BATCH]
+                self._hand_over(await asyncio.to_thread(self._translate_all, batch, resources), resources)
+        self._forget_gone()
+
+    def _hand_over(self, results: list[tuple[NodeStatus, Snapshot, TranslationStatus]],
+                   resources: ResourceSet) -> None:
         for status, snapshot, notes in results:
             self._statuses[status.node_id] = notes
             self._built_from[status.node_id] = resources
             if not _same(self._pushed.get(status.group), snapshot):
                 self._pushed[status.group] = snapshot
                 self.cache.set_snapshot(status.group, snapshot)
-        self._forget_gone()
 
     def _translate_all(self, nodes: list[NodeStatus],
                        resources: ResourceSet) -> list[tuple[NodeStatus, Snapshot, TranslationStatus]]:
@@ -280,10 +304,13 @@ class ConfigPusher:
         for status in nodes:
             node = ProxyNode.parse(status.node_id, status.cluster)
             try:
-                translation = translate_with_status(node, resources, self._identity)
+                translation = translate_with_status(node, resources, self._identity,
+                                                    self._own.get(status.node_id))
             except Exception:
                 log.exception("translating the config of node %s failed", status.node_id)
                 continue
+            if translation.own is not None:
+                self._own[status.node_id] = translation.own
             out.append((status, translation.snapshot, translation.status))
         return out
 
@@ -292,6 +319,7 @@ class ConfigPusher:
         for node_id in [n for n in self._statuses if n not in known]:
             self._statuses.pop(node_id, None)
             self._built_from.pop(node_id, None)
+            self._own.pop(node_id, None)
 
 
 # -- the control-plane mount -------------------------------------------------------------------- #
@@ -301,7 +329,7 @@ _MOUNTED: weakref.WeakKeyDictionary[ControlPlane, ConfigPusher] = weakref.WeakKe
 
 async def mount_xds(plane: ControlPlane) -> None:
     """ADS on the control plane's gRPC server, fed by a ``ConfigPusher`` over its store."""
-    cache = SnapshotCache()
+    cache = SnapshotCache(debounce=CACHE_DEBOUNCE)
     add_ads_servicer(plane.grpc_server, cache)
     pusher = ConfigPusher(plane.store, cache)
     await pusher.start()

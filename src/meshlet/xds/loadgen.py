@@ -25,6 +25,8 @@ from meshlet.xds.snapshot import RESOURCE_TYPES
 RECONNECT_DELAY = 0.2
 # Subscriptions every simulated proxy holds.
 DEFAULT_TYPES: tuple[str, ...] = RESOURCE_TYPES
+# HTTP/2 stream window each simulated proxy asks for.
+STREAM_WINDOW = 16 * 1024 * 1024
 
 
 class SimulatedProxy:
@@ -121,7 +123,12 @@ class Fleet:
     but one process cannot open thousands of channels cheaply)."""
 
     def __init__(self, address: str, *, channels: int = 16) -> None:
-        options = (("grpc.max_receive_message_length", 256 * 1024 * 1024),)
+        options = (
+            ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+            # Envoy grants its xDS streams large HTTP/2 windows (256 MiB by default), so a
+            # large response is not held back by window updates; the simulated proxies too.
+            ("grpc.http2.lookahead_bytes", STREAM_WINDOW),
+        )
         # Distinct channel args keep gRPC from sharing one subchannel between them.
         self._channels = [
             grpc.aio.insecure_channel(address, options=(*options, ("grpc.channel_id", i)))

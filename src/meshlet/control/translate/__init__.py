@@ -41,7 +41,7 @@ from meshlet.control.translate.security import (
     mesh_secrets,
     note_unenforced_policies,
 )
-from meshlet.control.translate.sidecar import sidecar_config
+from meshlet.control.translate.sidecar import Inbound, SidecarConfig, sidecar_config
 from meshlet.control.translate.status import Note, TranslationStatus
 from meshlet.xds.snapshot import (
     CLUSTER,
@@ -61,6 +61,7 @@ __all__ = [
     "KeyProviderRef",
     "MeshIdentity",
     "Note",
+    "OwnParts",
     "ProxyNode",
     "ResourceSet",
     "StaticIdentity",
@@ -74,10 +75,21 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True)
+class OwnParts:
+    """A sidecar's inbound config with its resources packed. Given back to the next
+    translation of the same proxy (``earlier``), it is used again when built from
+    equal inputs: a change elsewhere in the mesh costs a proxy no rebuild of its own."""
+
+    inbound: Inbound
+    packed: dict[str, list[Resource]]
+
+
+@dataclass(frozen=True, slots=True)
 class Translation:
     snapshot: Snapshot
     status: TranslationStatus
     messages: dict[str, list[Message]]
+    own: OwnParts | None = None
 
 
 def translate(node: ProxyNode, resources: ResourceSet, identity: MeshIdentity | None = None) -> Snapshot:
@@ -85,8 +97,9 @@ def translate(node: ProxyNode, resources: ResourceSet, identity: MeshIdentity | 
     return translate_with_status(node, resources, identity).snapshot
 
 
-def translate_with_status(node: ProxyNode, resources: ResourceSet,
-                          identity: MeshIdentity | None = None) -> Translation:
+def translate_with_status(node: ProxyNode, resources: ResourceSet, identity: MeshIdentity | None = None,
+                          earlier: OwnParts | None = None) -> Translation:
+    """``node``'s snapshot and notes; ``earlier`` is the ``own`` of its last translation."""
     status = TranslationStatus(node.id)
     for problem in resources.problems:
         status.warning("", problem)
@@ -99,6 +112,8 @@ def translate_with_status(node: ProxyNode, resources: ResourceSet,
     shared: dict[str, list[Message]] = {CLUSTER: list(clusters), ENDPOINT: list(assignments)}
     own: dict[str, list[Message]] = {SECRET: mesh_secrets(node, identity), LISTENER: [], ROUTE: [],
                                      CLUSTER: []}
+    packed: dict[str, list[Resource]] = {}
+    own_parts: OwnParts | None = None
     parts_key: tuple[object, ...] = ("mesh", mtls)
     if node.kind == GATEWAY:
         labels = dict(workload.spec.labels) if workload is not None else {"istio": node.name}
@@ -108,18 +123,32 @@ def translate_with_status(node: ProxyNode, resources: ResourceSet,
         own[SECRET] += _credential_secrets(gateway.credentials, identity)
     else:
         labels = dict(workload.spec.labels) if workload is not None else {}
-        sidecar = sidecar_config(resources, node, workload, mtls, status)
+        sidecar = sidecar_config(resources, node, workload, mtls, status,
+                                 earlier.inbound if earlier is not None else None)
         own[LISTENER] += sidecar.listeners
         own[CLUSTER] += sidecar.clusters
+        own_parts = _own_parts(sidecar, earlier)
+        packed = own_parts.packed
         shared[LISTENER] = list(sidecar.outbound_listeners)
         shared[ROUTE] = list(sidecar.routes)
         parts_key = ("sidecar", mtls, sidecar.outbound_key)
     parts = shared_parts(resources, parts_key, shared)
-    snapshot = Snapshot.from_parts(parts, {t: [pack(m) for m in items] for t, items in own.items()})
+    own_packed = {t: packed.get(t, []) + [pack(m) for m in items if t not in packed]
+                  for t, items in own.items()}
+    snapshot = Snapshot.from_parts(parts, own_packed)
     namespace = workload.namespace if workload is not None else node.namespace
     note_unenforced_policies(resources, namespace, labels, status)
     messages = {t: shared.get(t, []) + own.get(t, []) for t in (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)}
-    return Translation(snapshot, status, messages)
+    return Translation(snapshot, status, messages, own_parts)
+
+
+def _own_parts(sidecar: SidecarConfig, earlier: OwnParts | None) -> OwnParts:
+    inbound = sidecar.inbound
+    assert inbound is not None
+    if earlier is not None and earlier.inbound is inbound:
+        return earlier
+    return OwnParts(inbound, {LISTENER: [pack(m) for m in inbound.listeners],
+                              CLUSTER: [pack(m) for m in inbound.clusters]})
 
 
 def shared_parts(resources: ResourceSet, key: Hashable, messages: dict[str, list[Message]]) -> SharedParts:

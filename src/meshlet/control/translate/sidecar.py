@@ -66,6 +66,7 @@ class SidecarConfig:
     clusters: list[cluster_pb2.Cluster]
     outbound_listeners: list[listener_pb2.Listener] = field(default_factory=list)
     outbound_key: Hashable = None
+    inbound: Inbound | None = None
 
 
 def shared(rs: ResourceSet, key: object, build: Callable[[TranslationStatus], T],
@@ -83,10 +84,47 @@ def shared(rs: ResourceSet, key: object, build: Callable[[TranslationStatus], T]
     return value
 
 
-def sidecar_config(rs: ResourceSet, node: ProxyNode, workload: Workload | None, mtls: bool,
-                   status: TranslationStatus) -> SidecarConfig:
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A sidecar's inbound listeners and clusters, the ports they take, the notes made
+    building them, and what they were built from (``inputs``): a later translation
+    with equal inputs uses them again instead of building them anew."""
+
+    inputs: tuple[object, ...]
+    listeners: list[listener_pb2.Listener]
+    clusters: list[cluster_pb2.Cluster]
+    ports: frozenset[int]
+    notes: tuple[tuple[str, str, str], ...]
+
+
+def inbound_inputs(rs: ResourceSet, workload: Workload | None, mtls: bool) -> tuple[object, ...]:
+    """Everything a sidecar's inbound config is made of (compared with ``==``, which
+    tuples shortcut by identity: unchanged store objects compare at once)."""
+    if workload is None:
+        return (mtls, None)
+    return (mtls, workload, tuple(rs.services_selecting(workload)), tuple(rs.peer_authentications))
+
+
+def inbound_config(rs: ResourceSet, workload: Workload | None, mtls: bool,
+                   earlier: Inbound | None = None) -> Inbound:
+    """The inbound part of a sidecar's config, or ``earlier`` when built from equal inputs."""
+    inputs = inbound_inputs(rs, workload, mtls)
+    if earlier is not None and earlier.inputs == inputs:
+        return earlier
+    scratch = TranslationStatus("")
     config = SidecarConfig([], [], [])
-    inbound_ports = _inbound(rs, workload, mtls, config, status)
+    ports = _inbound(rs, workload, mtls, config, scratch)
+    notes = tuple((n.level, n.resource, n.message) for n in scratch.notes)
+    return Inbound(inputs, config.listeners, config.clusters, frozenset(ports), notes)
+
+
+def sidecar_config(rs: ResourceSet, node: ProxyNode, workload: Workload | None, mtls: bool,
+                   status: TranslationStatus, earlier: Inbound | None = None) -> SidecarConfig:
+    inbound = inbound_config(rs, workload, mtls, earlier)
+    for level, resource, message in inbound.notes:
+        status.add(level, resource, message)
+    config = SidecarConfig(list(inbound.listeners), [], list(inbound.clusters), inbound=inbound)
+    inbound_ports = inbound.ports
     outbound_address = DEFAULT_OUTBOUND_ADDRESS
     labels: dict[str, str] = {}
     if workload is not None:
