@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -251,68 +251,94 @@ def service_env(services: list[dict[str, object]], namespace: str, outbound: str
 
 def run_workload(state: MeshState, request: RunRequest, progress: Progress = _quiet) -> WorkloadRecord:
     """Register a workload of ``request.service``, start its supervisor (sidecar + app), and
-    wait until the sidecar has its config and the app accepts connections."""
+    wait until the sidecar has its config, the app accepts connections and the registry
+    has the workload HEALTHY."""
     info = state.info()
     plane = state.recorded(CONTROL_PLANE)
     if plane is None or not plane.alive():
         raise MeshError(f"the control plane of {state.root} is not running (meshlet up)")
     client = MeshClient(info.api_url, info.status_url)
+    ports = _service_ports(client, request)
+    name = state.unique_workload_name(f"{request.service}-{request.version}" if request.version
+                                      else request.service)
+    index = state.free_index()
+    outbound = outbound_address(info.loopback_block, index)
+    record = WorkloadRecord(
+        name=name, service=request.service, namespace=request.namespace, version=request.version,
+        index=index, inbound_address=inbound_address(info.loopback_block, index), outbound_address=outbound,
+        app_port=request.app_port or free_port(), admin_port=free_port(),
+        node_id=node_id(SIDECAR, inbound_address(info.loopback_block, index), name, request.namespace),
+        command=list(request.command), service_account=request.service_account or request.service)
+    _register(client, record, ports)
+    try:
+        record = replace(record, env=_app_env(client, record, request.extra_env))
+        state.save_workload(record)
+        config = state.proxy_config(name)
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(ads_bootstrap(record.node_id, record.service, info.xds_address,
+                                                       record.admin_port), sort_keys=False))
+        supervisor = spawn_detached(WORKLOAD_PREFIX + name,
+                                    _python_module("meshlet.mesh.workload", "--dir", str(state.root),
+                                                   "--name", name),
+                                    pid_file=state.pid_file(WORKLOAD_PREFIX + name),
+                                    log_file=state.log_file(WORKLOAD_PREFIX + name), tied=request.tied)
+    except BaseException:
+        # No supervisor to deregister it: do it here, so the registry holds no ghost.
+        client.deregister(record.namespace, name, record.node_id)
+        state.drop_workload(name)
+        raise
+    try:
+        _wait_serving(client, record, supervisor, request.ready_timeout)
+    except (MeshError, KeyboardInterrupt):
+        stop_workload(state, name)
+        raise
+    progress(f"{name}: sidecar inbound {record.inbound_address}, outbound {outbound}, "
+             f"app 127.0.0.1:{record.app_port}, admin http://127.0.0.1:{record.admin_port}/ "
+             f"(pid {supervisor.pid})")
+    return record
+
+
+def _service_ports(client: MeshClient, request: RunRequest) -> dict[str, int]:
     service = client.get(MESHLET_GROUP, "services", request.namespace, request.service)
     if service is None:
         raise MeshError(f"service {request.namespace}/{request.service} is not defined: apply a "
                         "meshlet.dev/v1 Service first (e.g. meshlet apply -f "
                         "examples/bookinfo/services.yaml)")
-    ports = {str(p["name"]): int(p["number"]) for p in service["spec"]["ports"]}
-    name = state.unique_workload_name(f"{request.service}-{request.version}" if request.version
-                                      else request.service)
-    index = state.free_index()
-    inbound = inbound_address(info.loopback_block, index)
-    outbound = outbound_address(info.loopback_block, index)
-    app_port = request.app_port or free_port()
-    proxy_id = node_id(SIDECAR, inbound, name, request.namespace)
-    account = request.service_account or request.service
-    token = client.issue_token(request.namespace, account)
-    workload = client.register(token, name=name, service=request.service, address=inbound, ports=ports,
-                               version=request.version, proxy_id=proxy_id)
-    annotations = dict(workload["metadata"].get("annotations") or {})
-    annotations[APP_PORTS] = ",".join(f"{port}={app_port}" for port in ports)
-    annotations[OUTBOUND_ADDRESS] = outbound
-    workload["metadata"]["annotations"] = annotations
-    client.put(MESHLET_GROUP, "workloads", workload)
-    env = {"PORT": str(app_port), "MESHLET_SERVICE": request.service,
-           "MESHLET_VERSION": request.version or "", "MESHLET_WORKLOAD": name,
-           "MESHLET_NAMESPACE": request.namespace,
-           "MESHLET_OUTBOUND_ADDRESS": outbound,
-           **service_env(client.list(MESHLET_GROUP, "services"), request.namespace, outbound),
-           **request.extra_env}
-    record = WorkloadRecord(name=name, service=request.service, namespace=request.namespace,
-                            version=request.version, index=index, inbound_address=inbound,
-                            outbound_address=outbound, app_port=app_port, admin_port=free_port(),
-                            node_id=proxy_id, command=list(request.command), env=env, service_account=account)
-    config = state.proxy_config(name)
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(yaml.safe_dump(ads_bootstrap(proxy_id, request.service, info.xds_address,
-                                                   record.admin_port), sort_keys=False))
-    state.save_workload(record)
-    supervisor = spawn_detached(WORKLOAD_PREFIX + name,
-                                _python_module("meshlet.mesh.workload", "--dir", str(state.root),
-                                               "--name", name),
-                                pid_file=state.pid_file(WORKLOAD_PREFIX + name),
-                                log_file=state.log_file(WORKLOAD_PREFIX + name), tied=request.tied)
-    deadline = time.monotonic() + request.ready_timeout
+    return {str(p["name"]): int(p["number"]) for p in service["spec"]["ports"]}
+
+
+def _register(client: MeshClient, record: WorkloadRecord, ports: dict[str, int]) -> None:
+    """Register with a fresh token, then annotate where the app and the outbound listeners are."""
+    token = client.issue_token(record.namespace, record.service_account)
+    workload = client.register(token, name=record.name, service=record.service,
+                               address=record.inbound_address, ports=ports, version=record.version,
+                               proxy_id=record.node_id)
     try:
-        _wait(lambda: sidecar_ready(record.admin_port) and app_accepts(record.app_port),
-              "the sidecar got its config and the app accepted connections", supervisor,
-              request.ready_timeout)
-        # Other proxies send it traffic once the registry (hence EDS) says it is healthy.
-        _wait(lambda: _health(client, request.namespace, name) == "HEALTHY",
-              "the workload was reported HEALTHY", supervisor, max(1.0, deadline - time.monotonic()))
-    except (MeshError, KeyboardInterrupt):
-        stop_workload(state, name)
+        annotations = dict(workload["metadata"].get("annotations") or {})
+        annotations[APP_PORTS] = ",".join(f"{port}={record.app_port}" for port in ports)
+        annotations[OUTBOUND_ADDRESS] = record.outbound_address
+        workload["metadata"]["annotations"] = annotations
+        client.put(MESHLET_GROUP, "workloads", workload)
+    except BaseException:
+        client.deregister(record.namespace, record.name, record.node_id)
         raise
-    progress(f"{name}: sidecar inbound {inbound}, outbound {outbound}, app 127.0.0.1:{app_port}, "
-             f"admin http://127.0.0.1:{record.admin_port}/ (pid {supervisor.pid})")
-    return record
+
+
+def _app_env(client: MeshClient, record: WorkloadRecord, extra: dict[str, str]) -> dict[str, str]:
+    return {"PORT": str(record.app_port), "MESHLET_SERVICE": record.service,
+            "MESHLET_VERSION": record.version or "", "MESHLET_WORKLOAD": record.name,
+            "MESHLET_NAMESPACE": record.namespace, "MESHLET_OUTBOUND_ADDRESS": record.outbound_address,
+            **service_env(client.list(MESHLET_GROUP, "services"), record.namespace, record.outbound_address),
+            **extra}
+
+
+def _wait_serving(client: MeshClient, record: WorkloadRecord, supervisor: Recorded, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    _wait(lambda: sidecar_ready(record.admin_port) and app_accepts(record.app_port),
+          "the sidecar got its config and the app accepted connections", supervisor, timeout)
+    # Other proxies send it traffic once the registry (hence EDS) says it is healthy.
+    _wait(lambda: _health(client, record.namespace, record.name) == "HEALTHY",
+          "the workload was reported HEALTHY", supervisor, max(1.0, deadline - time.monotonic()))
 
 
 def _health(client: MeshClient, namespace: str, name: str) -> str | None:
