@@ -218,3 +218,15 @@ def test_profile_option_splits_the_server_cpu(tmp_path: Path) -> None:
     assert split["private-key signing"] > 0 and split["TLS engine: codec, state machine, adapter"] > 0
     own_us = row["server_cpu_s"] / row["server_handshakes"] * 1e6
     assert sum(split.values()) == pytest.approx(own_us, rel=0.01)
+
+
+def test_batch_settings_reach_the_provider(key_files: KeyFiles) -> None:
+    certificate = meshlet_certificate("meshlet-batch", key_files, None, {"poll_delay": "5ms"})
+    settings = certificate["private_key_provider"]["typed_config"]["value"]
+    assert settings == {"private_key": {"filename": str(key_files.key)}, "poll_delay": "5ms"}
+
+
+def test_bad_batch_poll_delay_is_a_usage_error() -> None:
+    done = run_bench("--batch-poll-delay", "soon")
+    assert done.returncode == 2 and done.stdout == ""
+    assert "--batch-poll-delay: must be a duration" in done.stderr

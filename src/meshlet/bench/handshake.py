@@ -47,7 +47,13 @@ from meshlet.bench.handshake_profile import (
     split_samples,
     start_py_spy,
 )
-from meshlet.bench.handshake_servers import STARTERS, SYSTEMS, RunningServer, external_available
+from meshlet.bench.handshake_servers import (
+    STARTERS,
+    SYSTEMS,
+    RunningServer,
+    external_available,
+    start_meshlet,
+)
 from meshlet.bench.procs import Child, ChildError
 from meshlet.bench.proxy import CpuPlan, plan_cpus
 from meshlet.bench.tls import KEYS, KeyFiles, write_key_files
@@ -66,6 +72,7 @@ class HandshakeBenchOptions:
     skip_missing: bool = False  # leave out haproxy/nginx rows whose binary is not installed
     rounds: int = 1  # each (system, key) this many times, alternating; medians reported
     profile_dir: Path | None = None  # py-spy the Python servers into this directory
+    batch_poll_delay: str | None = None  # meshlet.batch's poll_delay ("0.2ms", "5ms"); None: its default
 
 
 # A smoke run (about a minute for all rows): shapes and sanity, not figures to quote.
@@ -206,7 +213,10 @@ def to_row(name: str, key: str, server: RunningServer, load: dict[str, Any], win
 def bench_one(name: str, key: str, files: KeyFiles, opts: HandshakeBenchOptions, plan: CpuPlan,
               workdir: Path, progress: Progress) -> dict[str, Any]:
     progress(f"{name}/{key}: starting on core {','.join(map(str, sorted(plan.proxy)))}")
-    server = STARTERS[name](name, key, files, plan.proxy, workdir)
+    if name == "meshlet-batch" and opts.batch_poll_delay is not None:
+        server = start_meshlet(name, key, files, plan.proxy, workdir, {"poll_delay": opts.batch_poll_delay})
+    else:
+        server = STARTERS[name](name, key, files, plan.proxy, workdir)
     try:
         load_avg = os.getloadavg()[0]
         progress(f"{name}/{key}: {opts.connections} connections, {opts.warmup_s:g} s warm-up, "
@@ -215,6 +225,8 @@ def bench_one(name: str, key: str, files: KeyFiles, opts: HandshakeBenchOptions,
     finally:
         server.stop()
     row = to_row(name, key, server, load, window, opts, plan, load_avg)
+    if name == "meshlet-batch":
+        row["key_path"] += f", poll_delay {opts.batch_poll_delay or '0.2ms (default)'}"
     progress(f"{name}/{key}: {row['handshakes_per_s']:.0f} handshakes/s, "
              f"{row['cpu_us_per_handshake']:.0f} us CPU each, p99 {row['p99_ms']:.1f} ms")
     return row

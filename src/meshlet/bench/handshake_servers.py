@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ KEY_HANDLE = "bench"
 KEY_PATHS = {
     "meshlet-local": "meshlet.local provider (key in the proxy process)",
     "meshlet-offload": "meshlet.offload provider, mode process, 1 worker process",
-    "meshlet-batch": "meshlet.batch provider (crypto_mb where available), default poll_delay and max_batch",
+    "meshlet-batch": "meshlet.batch provider (crypto_mb where available), max_batch 8",
     "meshlet-keyserver": "meshlet.keyserver provider; key in a separate meshlet keyserver process",
     "stdlib-ssl": "private_key in the stdlib ssl context",
     "haproxy": "crt file (OpenSSL)",
@@ -91,8 +91,10 @@ class RunningServer:
 # --------------------------------------------------------------------------- #
 
 
-def meshlet_certificate(name: str, files: KeyFiles, keyserver_socket: Path | None) -> dict[str, Any]:
-    """The ``tls_certificates`` entry: the key as ``private_key`` or behind a provider."""
+def meshlet_certificate(name: str, files: KeyFiles, keyserver_socket: Path | None,
+                        batch_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``tls_certificates`` entry: the key as ``private_key`` or behind a provider
+    (``batch_settings``: extra ``meshlet.batch`` settings, e.g. ``poll_delay``)."""
     chain = {"filename": str(files.cert)}
     key_file = {"filename": str(files.key)}
     if name == "stdlib-ssl":
@@ -103,7 +105,7 @@ def meshlet_certificate(name: str, files: KeyFiles, keyserver_socket: Path | Non
     elif name == "meshlet-offload":
         provider, settings = "meshlet.offload", {"private_key": key_file, "mode": "process", "workers": 1}
     elif name == "meshlet-batch":
-        provider, settings = "meshlet.batch", {"private_key": key_file}
+        provider, settings = "meshlet.batch", {"private_key": key_file, **(batch_settings or {})}
     elif name == "meshlet-keyserver":
         if keyserver_socket is None:
             raise ValueError("meshlet-keyserver needs the key server's socket")
@@ -212,7 +214,8 @@ def wait_for_unix_socket(path: Path, timeout: float, child: Child) -> None:
     raise ChildError(f"the key server did not listen on {path} within {timeout:.0f} s")
 
 
-def start_meshlet(name: str, key: str, files: KeyFiles, cpus: set[int], workdir: Path) -> RunningServer:
+def start_meshlet(name: str, key: str, files: KeyFiles, cpus: set[int], workdir: Path,
+                  batch_settings: Mapping[str, Any] | None = None) -> RunningServer:
     keyserver: Child | None = None
     keyserver_socket: Path | None = None
     if name == "meshlet-keyserver":
@@ -221,7 +224,8 @@ def start_meshlet(name: str, key: str, files: KeyFiles, cpus: set[int], workdir:
         port, admin_port = free_port(), free_port()
         config = workdir / f"{name}-{key}.yaml"
         config.write_text(dump(meshlet_bootstrap(port, admin_port,
-                                                 meshlet_certificate(name, files, keyserver_socket))))
+                                                 meshlet_certificate(name, files, keyserver_socket,
+                                                                     batch_settings))))
         engine = "openssl" if name == "stdlib-ssl" else "meshlet"
         argv = [sys.executable, "-m", "meshlet.cli.main", "proxy", "--config", str(config),
                 "--tls-engine", engine, "--log-level", "warning"]

@@ -34,10 +34,13 @@ COLUMNS = ("name", "key", "handshakes_per_s", "cpu_us_per_handshake", "p50_ms", 
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False, path_type=Path),
               help="py-spy each Python server over its window into this directory (needs py-spy); "
                    "rows get profile_us_per_handshake.")
+@click.option("--batch-poll-delay", metavar="DURATION",
+              help="poll_delay of the meshlet-batch rows, e.g. 5ms [the provider's default, 0.2ms].")
 @click.option("--skip-missing", is_flag=True, help="Leave out haproxy/nginx rows when not installed.")
 def handshake_bench(as_json: bool, quick: bool, systems: tuple[str, ...], keys: tuple[str, ...],
                     duration: float | None, warmup: float | None, connections: int | None,
-                    rounds: int | None, profile_dir: Path | None, skip_missing: bool) -> None:
+                    rounds: int | None, profile_dir: Path | None, batch_poll_delay: str | None,
+                    skip_missing: bool) -> None:
     """A new TLS 1.3 connection per request: handshakes/s, server CPU per handshake, p50/p99."""
     from meshlet.bench.handshake import QUICK, HandshakeBenchOptions, run_handshake_bench
     from meshlet.bench.procs import ChildError
@@ -46,9 +49,18 @@ def handshake_bench(as_json: bool, quick: bool, systems: tuple[str, ...], keys: 
     overrides: dict[str, Any] = {
         "systems": systems or None, "keys": keys or None, "duration_s": duration, "warmup_s": warmup,
         "connections": connections, "rounds": rounds,
+        "batch_poll_delay": batch_poll_delay,
         "skip_missing": skip_missing or None,
     }
     opts = replace(opts, **{k: v for k, v in overrides.items() if v is not None})
+    if batch_poll_delay is not None:
+        from meshlet.errors import ConfigError
+        from meshlet.keys.batch import parse_duration
+
+        try:
+            parse_duration(batch_poll_delay, "--batch-poll-delay")
+        except ConfigError as exc:
+            raise CliError(f"--batch-poll-delay: {exc.message}", EXIT_USAGE) from exc
     if profile_dir is not None:
         from meshlet.bench.handshake_profile import py_spy_binary
 
