@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 import time
@@ -61,6 +62,8 @@ STOP_TIMEOUT = 5.0
 TRANSLATE_BATCH = 250
 # The cache's own debounce under the pusher, which debounces store events already.
 CACHE_DEBOUNCE = 0.01
+# Allocations between young-generation garbage collections in the control plane.
+GC_YOUNG_THRESHOLD = 50_000
 
 
 def _same(a: Snapshot | None, b: Snapshot) -> bool:
@@ -333,8 +336,21 @@ async def mount_xds(plane: ControlPlane) -> None:
     add_ads_servicer(plane.grpc_server, cache)
     pusher = ConfigPusher(plane.store, cache)
     await pusher.start()
+    tune_collector()
     _MOUNTED[plane] = pusher
     plane.on_stop.append(pusher.stop)
+
+
+def tune_collector() -> None:
+    """Collect garbage cycles less often than CPython's default (every 700 allocations).
+
+    A control plane holds a large, long-lived config graph (every proxy's snapshot, the
+    mesh's clusters and routes) and allocates many objects per push: by default the
+    collector runs hundreds of times per push and scans that graph again and again,
+    about a third of a push's translation time. Objects are still freed by reference
+    counting at once; only cycles wait longer."""
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(_young, GC_YOUNG_THRESHOLD), middle, old)
 
 
 def pusher_of(plane: ControlPlane) -> ConfigPusher | None:
