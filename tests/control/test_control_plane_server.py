@@ -39,7 +39,7 @@ def settings(tmp_path: Path, health_timeout: float = 30.0) -> ControlPlaneSettin
 async def test_mounts_serve_on_the_grpc_port_and_stop_hooks_run(tmp_path: Path) -> None:
     plane = ControlPlane(settings(tmp_path))
     await plane.open()
-    await plane.mount([load_mount("test_server:echo_mount")])
+    await plane.mount([load_mount("test_control_plane_server:echo_mount")])
     await plane.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
