@@ -25,6 +25,7 @@ proxy's few.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -107,19 +108,39 @@ def _check_resource(type_url: str, resource: Resource, named: Mapping[str, Resou
 class SotwBody:
     """A serialized DiscoveryResponse lacking only its nonce, in pieces (``parts``) that
     are written one after the other: the pieces of a mesh-wide resource set are shared
-    by every proxy's response, never copied into one per proxy."""
+    by every proxy's response, never copied into one per proxy.
 
-    __slots__ = ("content", "count", "parts")
+    Each body has its own ``nonce``, unique in the process: every stream sending this
+    body sends it with that nonce, so a body shared by thousands of streams is joined
+    with its nonce once (``encoded``) rather than once per stream. A nonce names the
+    content it came with, which is all a stream needs to match ACKs to responses."""
 
-    def __init__(self, content: str, count: int, parts: tuple[bytes, ...]) -> None:
+    __slots__ = ("_wire", "content", "count", "nonce", "parts", "shared")
+
+    def __init__(self, content: str, count: int, parts: tuple[bytes, ...], *, shared: bool = False) -> None:
         self.content = content  # digest of the (name, version) pairs it carries
         self.count = count
         self.parts = parts
+        self.shared = shared  # held by a table every proxy may share: keep the encoding
+        self.nonce = f"b{next(_BODY_SERIALS)}"
+        self._wire: bytes | None = None
 
     @property
     def data(self) -> bytes:
         """The whole body in one piece (a copy when it has several)."""
         return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+
+    def encoded(self) -> bytes:
+        """The body with its own nonce, ready to write (made once when ``shared``)."""
+        wire = self._wire
+        if wire is None:
+            wire = b"".join((*self.parts, nonce_field(self.nonce)))
+            if self.shared:
+                self._wire = wire
+        return wire
+
+
+_BODY_SERIALS = itertools.count(1)
 
 
 def with_nonce(data: bytes, nonce: str) -> bytes:
@@ -247,7 +268,7 @@ def _sotw_body(table: _Table, names: frozenset[str] | None) -> SotwBody:
     header = discovery_pb2.DiscoveryResponse(version_info=table.version, type_url=table.type_url)
     if isinstance(table, ResourceTable):
         chunk = table.chunk(names)
-        return SotwBody(chunk.content, chunk.count, (header.SerializeToString(), chunk.data))
+        return SotwBody(chunk.content, chunk.count, (header.SerializeToString(), chunk.data), shared=True)
     shared, own = table.shared.chunk(names), table.own.chunk(names)
     content = table.version if names is None else _digest(f"{shared.content}\0{own.content}".encode())
     return SotwBody(content, shared.count + own.count, (header.SerializeToString(), shared.data, own.data))

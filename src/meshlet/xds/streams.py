@@ -7,6 +7,8 @@
   ``error_detail`` and a NACK when it has one. A NACK is recorded with the
   proxy's error and nothing is resent: the proxy keeps its previous config
   until the snapshot changes again.
+* A SotW response's nonce is its body's (``SotwBody.nonce``, unique in the
+  process): the streams sharing a body share its encoding with the nonce too.
 * SotW requests carrying a stale nonce are ignored (a newer response is on
   its way to the proxy, which will answer it with its full subscription).
 * Listeners and clusters are full-state in SotW: every response carries all
@@ -29,7 +31,7 @@ from typing import Any
 from envoy.service.discovery.v3 import discovery_pb2
 
 from meshlet.xds.cache import NodeStatus, SnapshotCache
-from meshlet.xds.snapshot import RESOURCE_TYPES, Resource, Snapshot, nonce_field, with_nonce
+from meshlet.xds.snapshot import RESOURCE_TYPES, Resource, Snapshot, SotwBody, nonce_field, with_nonce
 
 WILDCARD = "*"
 # Requests beyond these bounds are refused: one proxy needs far fewer names.
@@ -45,8 +47,12 @@ class Outgoing:
 
     body: bytes | tuple[bytes, ...]
     nonce: str
+    # The SotW body this response sends, when its own nonce is the one sent.
+    sotw: SotwBody | None = None
 
     def encode(self) -> bytes:
+        if self.sotw is not None and self.sotw.nonce == self.nonce:
+            return self.sotw.encoded()
         body = self.body
         if isinstance(body, bytes):
             return with_nonce(body, self.nonce)
@@ -122,7 +128,6 @@ class SotwStream:
         self._cache = cache
         self.status = status
         self._types: dict[str, _SotwType] = {}
-        self._nonces = _Nonces()
 
     def on_request(
         self, request: discovery_pb2.DiscoveryRequest, snapshot: Snapshot | None
@@ -177,9 +182,9 @@ class SotwStream:
             return None
         state.sent = body.content
         state.version = snapshot.version(type_url)
-        state.nonce = self._nonces.next()
+        state.nonce = body.nonce
         self._cache.record_sent(self.status, type_url, state.version, state.nonce)
-        return Outgoing(body.parts, state.nonce)
+        return Outgoing(body.parts, state.nonce, body)
 
 
 # --------------------------------------------------------------------------- #
