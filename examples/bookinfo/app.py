@@ -67,7 +67,8 @@ async def call(service: str, path: str, headers: dict[str, str], timeout: float)
     return await asyncio.wait_for(_get(host, int(port), service, path, headers), timeout)
 
 
-async def _get(host: str, port: int, authority: str, path: str, headers: dict[str, str]) -> tuple[int, object]:
+async def _get(host: str, port: int, authority: str, path: str,
+               headers: dict[str, str]) -> tuple[int, object]:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         lines = [f"GET {path} HTTP/1.1", f"host: {authority}", "connection: close"]
@@ -77,8 +78,8 @@ async def _get(host: str, port: int, authority: str, path: str, headers: dict[st
         head = await reader.readuntil(b"\r\n\r\n")
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
         status = int(status_line.split(" ", 2)[1])
-        length = next((int(h.split(":", 1)[1]) for h in header_lines if h.lower().startswith("content-length:")),
-                      None)
+        length = next((int(h.split(":", 1)[1]) for h in header_lines
+                       if h.lower().startswith("content-length:")), None)
         body = await (reader.readexactly(length) if length is not None else reader.read(MAX_BODY))
     finally:
         writer.close()
@@ -187,14 +188,13 @@ class Server:
                     break
                 response = await self.respond(request)
                 close = request.headers.get("connection", "").lower() == "close"
-                writer.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n"
-                             % (response.status, b"OK" if response.status == 200 else b"Error", len(response.body),
-                                b"connection: close\r\n" if close else b"") + response.body)
+                writer.write(_head(response, close) + response.body)
                 await writer.drain()
                 if close:
                     break
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            pass
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ValueError):
+            pass  # a client that went away or spoke badly: this connection ends, the server goes on
         finally:
             writer.close()
 
@@ -211,6 +211,13 @@ class Server:
         assert callable(handler)
         response: Response = await handler(request)
         return response
+
+
+def _head(response: Response, close: bool) -> bytes:
+    reason = b"OK" if response.status == 200 else b"Error"
+    extra = b"connection: close\r\n" if close else b""
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n"
+            % (response.status, reason, len(response.body), extra))
 
 
 async def _read_request(reader: asyncio.StreamReader) -> Request | None:
