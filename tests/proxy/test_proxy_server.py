@@ -58,6 +58,19 @@ async def test_apply_start_and_serve(tmp_path: Path, upstream: Upstream, proxy: 
     assert proxy.runtime.stats.value("listener.127.0.0.1_0.downstream_cx_total") == 1
 
 
+
+async def test_shutdown_requested_while_starting_stops_once_started(
+    tmp_path: Path, upstream: Upstream, proxy: Proxy
+) -> None:
+    """A SIGTERM that lands during apply()/start() is not lost: the proxy
+    stops right after its listeners come up instead of serving on."""
+    proxy.request_shutdown()  # as the signal handler does, before start()
+    await proxy.apply(compiled(tmp_path, "a.yaml", listener_port=0, upstream_port=upstream.port))
+    await proxy.start()
+    await asyncio.wait_for(proxy.wait_stopped(), 10)
+    assert proxy.state == "TERMINATED"
+    assert proxy.listeners.active_connections == 0
+
 async def test_bad_config_leaves_the_old_one_serving(
     tmp_path: Path, upstream: Upstream, proxy: Proxy
 ) -> None:

@@ -55,8 +55,13 @@ class Proxy:
         self._applied_at = 0.0
         self._state = PRE_INITIALIZING
         self._apply_lock = asyncio.Lock()
-        self._stopped: asyncio.Event | None = None
+        # One event for the proxy's whole life: start() must not replace it, or a
+        # stop that happened while starting would be forgotten.
+        self._stopped = asyncio.Event()
         self._shutdown: asyncio.Task[None] | None = None
+        # A shutdown asked for before start() finished (a signal during apply):
+        # carried out as soon as the listeners are up, so none is left serving.
+        self._shutdown_pending = False
         self._drain_task: asyncio.Task[bool] | None = None
         stats = self.runtime.stats
         self._state_gauge = stats.gauge("server.state")
@@ -104,6 +109,9 @@ class Proxy:
 
     def request_shutdown(self) -> None:
         """Graceful drain, then stop (signals and ``/quitquitquit``). Idempotent."""
+        if self._state == PRE_INITIALIZING:
+            self._shutdown_pending = True
+            return
         if self._shutdown is None:
             self._shutdown = asyncio.get_running_loop().create_task(self._drain_then_stop())
 
@@ -130,10 +138,11 @@ class Proxy:
 
     async def start(self) -> None:
         """Serve the applied config's listeners and the admin endpoint."""
-        self._stopped = asyncio.Event()
         await self.listeners.start()
         await self._start_admin()
         self._set_state(LIVE)
+        if self._shutdown_pending:
+            self.request_shutdown()
 
     async def _start_admin(self) -> None:
         config = self._config
@@ -170,8 +179,7 @@ class Proxy:
         if self._admin is not None:
             await self._admin.close()
         self._set_state(TERMINATED)
-        if self._stopped is not None:
-            self._stopped.set()
+        self._stopped.set()
 
     async def _drain_then_stop(self) -> None:
         try:
@@ -181,8 +189,6 @@ class Proxy:
             await self.stop()
 
     async def wait_stopped(self) -> None:
-        if self._stopped is None:
-            self._stopped = asyncio.Event()
         await self._stopped.wait()
 
     def _set_state(self, state: str) -> None:
