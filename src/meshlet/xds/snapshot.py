@@ -287,6 +287,13 @@ class SharedParts:
         )
 
     @classmethod
+    def of_tables(cls, tables: Mapping[str, ResourceTable]) -> SharedParts:
+        """Parts of tables built already (each may be held by other parts too)."""
+        parts = cls({})
+        parts.tables = MappingProxyType(dict(tables))
+        return parts
+
+    @classmethod
     def build(cls, messages: Mapping[str, Iterable[Message]]) -> SharedParts:
         return cls({type_url: [pack(m) for m in items] for type_url, items in messages.items()})
 
@@ -304,9 +311,7 @@ class SharedParts:
             old = previous.tables.get(type_url)
             if old is not None and old.version == table.version:
                 tables[type_url] = old
-        parts = SharedParts({})
-        parts.tables = MappingProxyType(tables)
-        return parts
+        return SharedParts.of_tables(tables)
 
 
 class Snapshot:

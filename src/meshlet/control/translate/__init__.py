@@ -50,6 +50,7 @@ from meshlet.xds.snapshot import (
     ROUTE,
     SECRET,
     Resource,
+    ResourceTable,
     SharedParts,
     Snapshot,
     pack,
@@ -110,11 +111,11 @@ def translate_with_status(node: ProxyNode, resources: ResourceSet, identity: Mes
     # Mesh-wide messages go into parts built and versioned once per resource set and
     # shared by every proxy's snapshot; only the proxy's own are packed here.
     shared: dict[str, list[Message]] = {CLUSTER: list(clusters), ENDPOINT: list(assignments)}
+    table_keys: dict[str, Hashable] = {CLUSTER: ("clusters", mtls), ENDPOINT: "endpoints"}
     own: dict[str, list[Message]] = {SECRET: mesh_secrets(node, identity), LISTENER: [], ROUTE: [],
                                      CLUSTER: []}
     packed: dict[str, list[Resource]] = {}
     own_parts: OwnParts | None = None
-    parts_key: tuple[object, ...] = ("mesh", mtls)
     if node.kind == GATEWAY:
         labels = dict(workload.spec.labels) if workload is not None else {"istio": node.name}
         gateway = gateway_config(resources, node, labels, identity, status)
@@ -131,8 +132,9 @@ def translate_with_status(node: ProxyNode, resources: ResourceSet, identity: Mes
         packed = own_parts.packed
         shared[LISTENER] = list(sidecar.outbound_listeners)
         shared[ROUTE] = list(sidecar.routes)
-        parts_key = ("sidecar", mtls, sidecar.outbound_key)
-    parts = shared_parts(resources, parts_key, shared)
+        table_keys[LISTENER] = sidecar.outbound_key
+        table_keys[ROUTE] = sidecar.routes_key
+    parts = shared_parts(resources, {t: (table_keys[t], items) for t, items in shared.items()})
     own_packed = {t: packed.get(t, []) + [pack(m) for m in items if t not in packed]
                   for t, items in own.items()}
     snapshot = Snapshot.from_parts(parts, own_packed)
@@ -151,20 +153,28 @@ def _own_parts(sidecar: SidecarConfig, earlier: OwnParts | None) -> OwnParts:
                               CLUSTER: [pack(m) for m in inbound.clusters]})
 
 
-def shared_parts(resources: ResourceSet, key: Hashable, messages: dict[str, list[Message]]) -> SharedParts:
-    """The ``SharedParts`` of ``messages``, the same for every proxy asking with ``key``:
-    packed and versioned once per resource set, and holding the previous set's tables
-    where nothing changed (their encodings are made already)."""
-    def build() -> SharedParts:
-        packed = {t: shared_packs(resources, (key, t), items) for t, items in messages.items()}
-        return SharedParts(packed).carry_over(resources.previous_parts(key))
+def shared_parts(resources: ResourceSet, tables: dict[str, tuple[Hashable, list[Message]]]) -> SharedParts:
+    """Shared parts of one table per type, each the same for every proxy asking with its
+    key (``tables``: type URL -> (key, messages)). A table is packed and versioned once per
+    resource set under its key, whichever proxies hold it alongside which other tables
+    (every sidecar holds the one of the mesh's clusters, whatever its outbound address)."""
+    key = tuple((type_url, table_key) for type_url, (table_key, _) in tables.items())
+    return resources.memo(("parts", key), lambda: SharedParts.of_tables({
+        type_url: shared_table(resources, type_url, table_key, messages)
+        for type_url, (table_key, messages) in tables.items()
+    }))
 
-    return resources.memo(("parts", key), build)
 
+def shared_table(resources: ResourceSet, type_url: str, key: Hashable,
+                 messages: list[Message]) -> ResourceTable:
+    """``messages`` packed into one table per resource set under ``key``; the previous
+    set's table when its version is the same (its encodings are made already)."""
+    def build() -> ResourceTable:
+        table = ResourceTable(type_url, [pack(m) for m in messages])
+        earlier = resources.previous_parts(("table", type_url, key))
+        return earlier if isinstance(earlier, ResourceTable) and earlier.version == table.version else table
 
-def shared_packs(resources: ResourceSet, key: object, messages: list[Message]) -> list[Resource]:
-    """``messages`` (built once per resource set under ``key``) packed once too."""
-    return resources.memo(("packed", key), lambda: [pack(m) for m in messages])
+    return resources.memo(("parts", ("table", type_url, key)), build)
 
 
 def _credential_secrets(names: list[str], identity: MeshIdentity | None) -> list[Message]:

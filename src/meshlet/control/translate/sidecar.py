@@ -66,6 +66,8 @@ class SidecarConfig:
     clusters: list[cluster_pb2.Cluster]
     outbound_listeners: list[listener_pb2.Listener] = field(default_factory=list)
     outbound_key: Hashable = None
+    # Sidecars with equal keys have equal outbound routes (whatever their outbound address).
+    routes_key: Hashable = None
     inbound: Inbound | None = None
 
 
@@ -137,6 +139,7 @@ def sidecar_config(rs: ResourceSet, node: ProxyNode, workload: Workload | None, 
     if rs.memo("source_matches", lambda: uses_source_matches(rs)):
         ctx_key = (node.namespace, route_labels(labels))
     config.outbound_key = ("outbound", outbound_address, taken, ctx_key)
+    config.routes_key = ("outbound_routes", taken, ctx_key)
     outbound = shared(rs, config.outbound_key,
                       lambda notes: _outbound(rs, outbound_address, ctx_key, taken, notes), status)
     config.outbound_listeners, config.routes = outbound
