@@ -157,6 +157,41 @@ def test_up_twice_is_refused(mesh: Mesh) -> None:
     assert done.returncode != 0 and "already up" in done.stderr
 
 
+REVIEWS_V2 = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v2}
+"""
+
+
+def test_proxies_ride_out_a_control_plane_crash_and_up_starts_it_again(mesh: Mesh) -> None:
+    plane = mesh.state.recorded("control-plane")
+    assert plane is not None
+    os.kill(plane.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while plane.alive():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # No control plane: every proxy keeps serving its last good config.
+    assert {mesh.page("jason")["reviewsVersion"] for _ in range(3)} == {"v2"}
+    assert {mesh.page()["reviewsVersion"] for _ in range(3)} == {"v1"}
+    out = mesh.meshlet("up").stdout
+    assert "starting it again" in out
+    restarted = mesh.state.recorded("control-plane")
+    assert restarted is not None and restarted.alive() and restarted.pid != plane.pid
+    # The proxies reconnect, and config changes reach them again.
+    results = mesh.client.apply(REVIEWS_V2)
+    wait_synced(mesh.client, int(results[0]["resourceVersion"]))
+    assert {mesh.page()["reviewsVersion"] for _ in range(4)} == {"v2"}
+    report = json.loads(mesh.meshlet("status", "--json", "--wait-synced", "15").stdout)
+    assert report["synced"] and len([p for p in report["proxies"] if p["connected"]]) == len(WORKLOADS) + 1
+
+
 def test_a_workload_whose_app_exits_is_deregistered_and_its_sidecar_stopped(mesh: Mesh) -> None:
     mesh.meshlet("run", "--service", "details", "--version", "v9", "--",
                  sys.executable, str(BOOKINFO / "app.py"), "details")

@@ -132,10 +132,16 @@ def ensure_ca(state: MeshState, trust_domain: str) -> None:
 
 
 def mesh_up(state: MeshState, options: UpOptions = UpOptions(), progress: Progress = _quiet) -> MeshInfo:
-    """Start the control plane (and the ingress gateway); returns where they listen."""
+    """Start the control plane (and the ingress gateway); returns where they listen.
+
+    In a state directory whose mesh is still running but whose control plane ended,
+    it starts the control plane again where it was (same ports, same store): the
+    proxies served their last config meanwhile and reconnect to it."""
     running = state.recorded(CONTROL_PLANE)
     if running is not None and running.alive():
         raise MeshError(f"a mesh is already up in {state.root} (meshlet down --dir {state.root} first)")
+    if any(r.alive() for r in state.all_recorded()):
+        return _restart_control_plane(state, options, progress)
     if not 1 <= options.loopback_block <= 254:
         raise MeshError(f"loopback block {options.loopback_block} is not in 1..254")
     state.root.mkdir(parents=True, exist_ok=True)
@@ -143,31 +149,49 @@ def mesh_up(state: MeshState, options: UpOptions = UpOptions(), progress: Progre
     store_url = options.store_url or state.default_store_url
     api_port = _port_or_free(options.api_port, DEFAULT_API_PORT)
     xds_port = _port_or_free(options.xds_port, DEFAULT_XDS_PORT)
-    status_port = free_port()
-    env = {**os.environ, CA_DIR_ENV: str(state.ca_dir), STATUS_PORT_ENV: str(status_port)}
-    argv = _python_module("meshlet.mesh.controlplane", "--store", store_url, "--api-port", str(api_port),
-                          "--xds-port", str(xds_port))
-    plane = spawn_detached(CONTROL_PLANE, argv, pid_file=state.pid_file(CONTROL_PLANE),
-                           log_file=state.log_file(CONTROL_PLANE), env=env, tied=options.tied)
-    gateway_node = node_id(GATEWAY_KIND, "127.0.0.1", GATEWAY_NAME, GATEWAY_NAMESPACE)
     info = MeshInfo(api_url=f"http://127.0.0.1:{api_port}", xds_address=f"127.0.0.1:{xds_port}",
-                    status_url=f"http://127.0.0.1:{status_port}{STATUS_PATH}", store_url=store_url,
-                    loopback_block=options.loopback_block, gateway_node=gateway_node,
+                    status_url=f"http://127.0.0.1:{free_port()}{STATUS_PATH}", store_url=store_url,
+                    loopback_block=options.loopback_block,
+                    gateway_node=node_id(GATEWAY_KIND, "127.0.0.1", GATEWAY_NAME, GATEWAY_NAMESPACE),
                     gateway_admin_port=free_port(), trust_domain=options.trust_domain)
-    client = MeshClient(info.api_url, info.status_url, timeout=2.0)
     try:
-        _wait(lambda: _answers(client), "the control plane answered", plane)
+        start_control_plane(state, info, options.tied, progress)
         state.write_info(info)
-        progress(f"control plane: api {info.api_url}, xDS {info.xds_address}, store {store_url} "
-                 f"(pid {plane.pid})")
         if options.gateway:
             gateway = start_gateway(state, info, tied=options.tied)
             _wait(lambda: sidecar_ready(info.gateway_admin_port), "the gateway got its config", gateway)
-            progress(f"ingress gateway: node {gateway_node}, "
+            progress(f"ingress gateway: node {info.gateway_node}, "
                      f"admin http://127.0.0.1:{info.gateway_admin_port}/ (pid {gateway.pid})")
     except BaseException:
         mesh_down(state)
         raise
+    return info
+
+
+def start_control_plane(state: MeshState, info: MeshInfo, tied: bool, progress: Progress) -> Recorded:
+    """The control plane of ``info`` (its ports, store, the mesh CA), answering when this returns."""
+    status_port = info.status_url.rpartition(":")[2].partition("/")[0]
+    env = {**os.environ, CA_DIR_ENV: str(state.ca_dir), STATUS_PORT_ENV: status_port}
+    argv = _python_module("meshlet.mesh.controlplane", "--store", info.store_url, "--api-port",
+                          info.api_url.rpartition(":")[2], "--xds-port", str(info.xds_port))
+    plane = spawn_detached(CONTROL_PLANE, argv, pid_file=state.pid_file(CONTROL_PLANE),
+                           log_file=state.log_file(CONTROL_PLANE), env=env, tied=tied)
+    client = MeshClient(info.api_url, info.status_url, timeout=2.0)
+    _wait(lambda: _answers(client), "the control plane answered", plane)
+    progress(f"control plane: api {info.api_url}, xDS {info.xds_address}, store {info.store_url} "
+             f"(pid {plane.pid})")
+    return plane
+
+
+def _restart_control_plane(state: MeshState, options: UpOptions, progress: Progress) -> MeshInfo:
+    info = state.info()
+    progress("the control plane had ended; the proxies kept their config: starting it again")
+    start_control_plane(state, info, options.tied, progress)
+    gateway = state.recorded(GATEWAY)
+    if options.gateway and (gateway is None or not gateway.alive()):
+        gateway = start_gateway(state, info, tied=options.tied)
+        _wait(lambda: sidecar_ready(info.gateway_admin_port), "the gateway got its config", gateway)
+        progress(f"ingress gateway started again (pid {gateway.pid})")
     return info
 
 
