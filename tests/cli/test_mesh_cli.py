@@ -229,3 +229,13 @@ def test_down_stops_everything_and_deregisters(mesh: Mesh) -> None:
     with pytest.raises(Exception, match="cannot reach"):
         client.healthz()
     assert "nothing was running" in mesh.meshlet("down").stdout
+
+
+@pytest.mark.parametrize("command", [["status"], ["run", "--service", "x", "--", "true"]])
+def test_commands_without_a_mesh_say_how_to_start_one(tmp_path: Path, command: list[str]) -> None:
+    name, *rest = command
+    done = subprocess.run([sys.executable, "-m", "meshlet.cli.main", name, "--dir", str(tmp_path), *rest],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2
+    assert done.stderr.startswith("meshlet: error: no mesh is up in") and "meshlet up" in done.stderr
+    assert "Traceback" not in done.stderr
