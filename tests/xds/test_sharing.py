@@ -52,7 +52,8 @@ def test_streams_sharing_a_body_share_its_encoding_with_the_nonce() -> None:
     outs = []
     for node in ("n1", "n2"):
         stream = SotwStream(cache, cache.stream_opened(base_pb2.Node(id=node), "sotw"))
-        [out] = stream.on_request(discovery_pb2.DiscoveryRequest(type_url=ENDPOINT), node_snapshot(shared, node))
+        request = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT)
+        [out] = stream.on_request(request, node_snapshot(shared, node))
         outs.append(out)
     assert outs[0].nonce == outs[1].nonce
     assert outs[0].encode() is outs[1].encode()
