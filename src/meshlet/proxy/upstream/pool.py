@@ -28,6 +28,8 @@ from meshlet.proxy.upstream.circuit_breaker import ResourceManager
 # Envoy's default circuit-breaker thresholds.
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_MAX_PENDING = 1024
+# Event-loop timers can fire up to a clock tick before their due time.
+_CLOCK_SLACK = 0.002
 
 
 class UpstreamConnectError(Exception):
@@ -127,7 +129,13 @@ class ConnectionPool:
             resources.share_connections_with(self)
         self._leases: dict[UpstreamConnection, int] = {}
         self._served: dict[UpstreamConnection, int] = {}
-        self._idle_timers: dict[UpstreamConnection, asyncio.TimerHandle] = {}
+        # Idle HTTP/1.1 connections, most recently used last: a request takes
+        # one in O(1) instead of scanning every connection of the pool.
+        self._idle: list[UpstreamConnection] = []
+        # When each idle connection went idle; one sweep timer per pool closes
+        # those idle for ``idle_timeout`` (no timer armed/cancelled per request).
+        self._idle_since: dict[UpstreamConnection, float] = {}
+        self._sweep: asyncio.TimerHandle | None = None
         self._connecting = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._draining = False
@@ -155,17 +163,28 @@ class ConnectionPool:
         ``TimeoutError`` when ``timeout`` passes while queued."""
         if self._closed or self._draining:
             raise UpstreamConnectError("connection failure", "pool is draining")
-        conn = self._find_available()
+        conn = self._pop_idle() or self._find_available()
         if conn is not None:
             return self._lease(conn)  # the common case: no timer needed
         async with asyncio.timeout(timeout):
             while True:
-                conn = self._find_available()
+                conn = self._pop_idle() or self._find_available()
                 if conn is not None:
                     return self._lease(conn)
                 if self._may_open():
                     return self._lease(await self._open())
                 await self._wait_for_room()
+
+    def _pop_idle(self) -> UpstreamConnection | None:
+        """The most recently idled connection still fit for a request (stale
+        entries, for connections since closed or discarded, are dropped)."""
+        idle = self._idle
+        leases = self._leases
+        while idle:
+            conn = idle.pop()
+            if leases.get(conn) == 0 and not conn.closed and conn.available and not self._retired(conn):
+                return conn
+        return None
 
     def _find_available(self) -> UpstreamConnection | None:
         dead: list[UpstreamConnection] = []
@@ -252,9 +271,7 @@ class ConnectionPool:
     def _lease(self, conn: UpstreamConnection) -> Lease:
         self._leases[conn] += 1
         self._served[conn] += 1
-        timer = self._idle_timers.pop(conn, None)
-        if timer is not None:
-            timer.cancel()
+        self._idle_since.pop(conn, None)
         return Lease(self, conn)
 
     def _release(self, conn: UpstreamConnection, reusable: bool) -> None:
@@ -274,6 +291,8 @@ class ConnectionPool:
                     self._stats.cx_max_requests.inc()
                 self._discard(conn)
         elif idle:
+            if not self.multiplexed:
+                self._idle.append(conn)
             self._arm_idle_timer(conn)
         self._wake_one()
 
@@ -285,16 +304,36 @@ class ConnectionPool:
     # -- connection lifecycle --------------------------------------------- #
 
     def _arm_idle_timer(self, conn: UpstreamConnection) -> None:
-        if self.idle_timeout is None:
+        timeout = self.idle_timeout
+        if timeout is None:
             return
         loop = asyncio.get_running_loop()
-        self._idle_timers[conn] = loop.call_later(self.idle_timeout, self._idle_expired, conn)
+        self._idle_since[conn] = loop.time()
+        if self._sweep is None:
+            self._sweep = loop.call_later(timeout, self._sweep_idle)
 
-    def _idle_expired(self, conn: UpstreamConnection) -> None:
-        self._idle_timers.pop(conn, None)
-        if self._leases.get(conn) == 0:
-            self._stats.cx_idle_timeout.inc()
-            self._discard(conn)
+    def _sweep_idle(self) -> None:
+        """Close the connections idle for ``idle_timeout``; re-arm for the
+        next one due."""
+        self._sweep = None
+        timeout = self.idle_timeout
+        if timeout is None or not self._idle_since:
+            return
+        loop = asyncio.get_running_loop()
+        # Timers may fire a clock tick early: a connection due within it counts as due.
+        now = loop.time() + _CLOCK_SLACK
+        next_due: float | None = None
+        for conn, since in list(self._idle_since.items()):
+            due = since + timeout
+            if due <= now:
+                del self._idle_since[conn]
+                if self._leases.get(conn) == 0:
+                    self._stats.cx_idle_timeout.inc()
+                    self._discard(conn)
+            elif next_due is None or due < next_due:
+                next_due = due
+        if next_due is not None:
+            self._sweep = loop.call_at(next_due, self._sweep_idle)
 
     def _connection_lost(self, conn: UpstreamConnection) -> None:
         """The peer (or the network) closed a connection: forget it at once if
@@ -309,9 +348,7 @@ class ConnectionPool:
             return
         self._served.pop(conn, None)
         self._limits.pop(conn, None)
-        timer = self._idle_timers.pop(conn, None)
-        if timer is not None:
-            timer.cancel()
+        self._idle_since.pop(conn, None)
         self._stats.cx_active.dec()
         self._stats.cx_destroy.inc()
         self._host.cx_active -= 1
@@ -352,4 +389,8 @@ class ConnectionPool:
         self._closed = True
         for conn in list(self._leases):
             self._discard(conn)
+        self._idle.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         self._wake_all()
