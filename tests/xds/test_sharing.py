@@ -166,3 +166,31 @@ async def test_fleet_of_nodes_on_one_shared_part_gets_each_own_config() -> None:
     finally:
         await fleet.close()
         await server.stop(None)
+
+
+def delta_first(node: str, snapshot: Snapshot, cache: SnapshotCache) -> tuple[DeltaStream, Outgoing]:
+    stream = DeltaStream(cache, cache.stream_opened(base_pb2.Node(id=node), "delta"))
+    [out] = stream.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER), snapshot)
+    return stream, out
+
+
+def test_delta_streams_share_the_encoding_of_the_shared_layer() -> None:
+    cache = SnapshotCache()
+    shared = mesh("a", "b")
+    _, one = delta_first("n1", node_snapshot(shared, "own-1"), cache)
+    _, two = delta_first("n2", node_snapshot(shared, "own-2"), cache)
+    assert isinstance(one.body, tuple) and isinstance(two.body, tuple)
+    assert one.body[1] is two.body[1]  # the shared clusters, encoded once
+    names = {r.name for r in discovery_pb2.DeltaDiscoveryResponse.FromString(two.encode()).resources}
+    assert names == {"a", "b", "own-2"}
+
+
+def test_delta_a_resource_moving_between_layers_is_not_removed() -> None:
+    cache = SnapshotCache()
+    stream, _ = delta_first("n1", node_snapshot(mesh("a"), "x"), cache)
+    moved = Snapshot.from_parts(SharedParts({CLUSTER: [pack(cluster("a")), pack(cluster("x", eds=False))]}),
+                                {CLUSTER: [pack(cluster("own", eds=False))]})
+    [out] = stream.on_snapshot(moved)
+    diff = discovery_pb2.DeltaDiscoveryResponse.FromString(out.encode())
+    assert list(diff.removed_resources) == []
+    assert "own" in {r.name for r in diff.resources}

@@ -242,6 +242,15 @@ class _LayeredMapping(Mapping[str, Resource]):
         return len(self._shared) + len(self._own)
 
 
+def layers_of(
+    mapping: Mapping[str, Resource],
+) -> tuple[Mapping[str, Resource], Mapping[str, Resource]] | None:
+    """(shared, own) when ``mapping`` is a layered table's resources, else None."""
+    if isinstance(mapping, _LayeredMapping):
+        return mapping._shared, mapping._own
+    return None
+
+
 class LayeredTable:
     """One type's resources as a shared table (the mesh's) plus a proxy's own: its version
     and encodings combine the two, so the shared table is versioned and encoded once for

@@ -31,7 +31,15 @@ from typing import Any
 from envoy.service.discovery.v3 import discovery_pb2
 
 from meshlet.xds.cache import NodeStatus, SnapshotCache
-from meshlet.xds.snapshot import RESOURCE_TYPES, Resource, Snapshot, SotwBody, nonce_field, with_nonce
+from meshlet.xds.snapshot import (
+    RESOURCE_TYPES,
+    Resource,
+    Snapshot,
+    SotwBody,
+    layers_of,
+    nonce_field,
+    with_nonce,
+)
 
 WILDCARD = "*"
 # Requests beyond these bounds are refused: one proxy needs far fewer names.
@@ -230,9 +238,12 @@ class _DeltaType:
 
 @dataclass(frozen=True, slots=True)
 class _Delta:
-    """A delta response without its nonce; ``body`` is empty when there is nothing to send."""
+    """A delta response without its nonce, in pieces; no pieces when there is nothing to
+    send. For one layer of a layered snapshot (``_layer_diff``): its updated resources
+    encoded as DeltaDiscoveryResponse field 2 entries, and the names it removed."""
 
-    body: bytes
+    parts: tuple[bytes, ...]
+    removed: tuple[str, ...] = ()
 
 
 _MemoKey = tuple[int, int, frozenset[str] | None, str]
@@ -271,6 +282,8 @@ class _DeltaMemo:
 
 
 _MEMO = _DeltaMemo()
+# Diffs of shared layers alone (no header): kept apart from whole responses.
+_LAYER_MEMO = _DeltaMemo()
 # What a proxy that has nothing yet holds (the memo's "old" side for first responses).
 _NOTHING: Mapping[str, Resource] = MappingProxyType({})
 
@@ -348,12 +361,12 @@ class DeltaStream:
         available = snapshot.resources(type_url)
         delta = self._delta(state, type_url, snapshot.version(type_url), available)
         state.base, state.base_scope, state.overrides = available, state.scope, {}
-        if not delta.body:
+        if not delta.parts:
             return None
         state.version = snapshot.version(type_url)
         state.nonce = self._nonces.next()
         self._cache.record_sent(self.status, type_url, state.version, state.nonce)
-        return Outgoing(delta.body, state.nonce)
+        return Outgoing(delta.parts, state.nonce)
 
     @staticmethod
     def _delta(state: _DeltaType, type_url: str, version: str, available: Mapping[str, Resource]) -> _Delta:
@@ -363,6 +376,9 @@ class DeltaStream:
         old: Mapping[str, Resource] | None = None
         if not state.overrides and (state.base is None or state.base_scope == scope):
             old = state.base if state.base is not None else _NOTHING
+            layered = _layered_delta(old, available, scope, type_url, version)
+            if layered is not None:
+                return layered
             cached = _MEMO.get(old, available, scope, type_url)
             if cached is not None:
                 return cached
@@ -379,10 +395,57 @@ class DeltaStream:
                 ],
                 removed_resources=removed,
             ).SerializeToString()
-        delta = _Delta(body)
+        delta = _Delta((body,) if body else ())
         if old is not None:
             _MEMO.put(old, available, scope, type_url, delta)
         return delta
+
+
+def _layered_delta(old: Mapping[str, Resource], new: Mapping[str, Resource], scope: frozenset[str] | None,
+                   type_url: str, version: str) -> _Delta | None:
+    """The delta from ``old`` to a layered ``new`` (a shared table and a proxy's own), for a
+    proxy holding exactly ``old``: the shared layer's diff is made and encoded once for
+    every proxy moving between the same two shared tables, only the own layer's per proxy.
+    None when ``new`` is not layered."""
+    new_layers = layers_of(new)
+    if new_layers is None:
+        return None
+    new_shared, new_own = new_layers
+    old_shared, old_own = layers_of(old) or (old, _NOTHING)
+    shared = _LAYER_MEMO.get(old_shared, new_shared, scope, type_url)
+    if shared is None:
+        shared = _layer_diff(old_shared, new_shared, scope)
+        _LAYER_MEMO.put(old_shared, new_shared, scope, type_url, shared)
+    own = _layer_diff(old_own, new_own, scope)
+    # A name that moved between layers is updated by one and must not be removed by the other.
+    removed = sorted([n for n in shared.removed if n not in new_own] +
+                     [n for n in own.removed if n not in new_shared])
+    updates = [part for part in (*shared.parts, *own.parts) if part]
+    if not updates and not removed:
+        return _Delta(())
+    header = discovery_pb2.DeltaDiscoveryResponse(
+        system_version_info=version, type_url=type_url, removed_resources=removed
+    ).SerializeToString()
+    return _Delta((header, *updates))
+
+
+def _layer_diff(old: Mapping[str, Resource], new: Mapping[str, Resource],
+                scope: frozenset[str] | None) -> _Delta:
+    """What changed from ``old`` to ``new`` within ``scope``: updates encoded, removals named."""
+    desired = _desired(new, scope)
+    updated = []
+    for name in sorted(desired):
+        resource = desired[name]
+        held = old.get(name)
+        if held is None or held.version != resource.version:
+            updated.append(resource)
+    removed = tuple(sorted(n for n in old if n not in desired and (scope is None or n in scope)))
+    data = b""
+    if updated:
+        data = discovery_pb2.DeltaDiscoveryResponse(resources=[
+            discovery_pb2.Resource(name=r.name, version=r.version, resource=r.body) for r in updated
+        ]).SerializeToString()
+    return _Delta((data,), removed)
 
 
 def _ordered(types: Mapping[str, object]) -> list[str]:
