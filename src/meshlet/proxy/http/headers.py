@@ -9,7 +9,7 @@ set (they steer retries, timeouts and access logs).
 
 from __future__ import annotations
 
-import random
+import os
 from functools import lru_cache
 
 from meshlet.config.model import HttpConnectionManagerConfig
@@ -57,18 +57,16 @@ def is_internal_address(ip: str) -> bool:
     return lowered == "::1" or lowered.startswith(("fd", "fc"))
 
 
-_random_bits = random.SystemRandom().getrandbits
-_VERSION_4 = 0x4 << 76
-_VARIANT_RFC4122 = 0x8 << 60
-_CLEAR_VERSION_VARIANT = ~((0xF << 76) | (0xC << 60))
+# The RFC 4122 variant nibble (10xx) for each hex digit of random bits.
+_VARIANT_NIBBLE = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 def new_request_id() -> str:
-    """A random (version 4) UUID as text; the same bits ``uuid.uuid4()`` sets,
-    without building a UUID object on every request."""
-    n = (_random_bits(128) & _CLEAR_VERSION_VARIANT) | _VERSION_4 | _VARIANT_RFC4122
-    h = f"{n:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A random (version 4) UUID as text: 122 bits from the OS's CSPRNG, the
+    version and variant set as ``uuid.uuid4()`` sets them, formatted straight
+    from the hex digits (half the cost of building the integer or the UUID)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT_NIBBLE[h[16]]}{h[17:20]}-{h[20:]}"
 
 
 def xff_addresses(value: str) -> list[str]:
