@@ -213,7 +213,8 @@ class Host:
 
     @property
     def address_text(self) -> str:
-        return str(self.address)
+        # Formatted once (in __init__): the router sets it on every request's stream info.
+        return self.address_key
 
     def pool(self, kind: str) -> ConnectionPool:
         pool = self._pools.get(kind)
