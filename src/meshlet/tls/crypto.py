@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 from cryptography.exceptions import InvalidSignature
@@ -27,14 +27,14 @@ class CipherSuite:
     hash_factory: Callable[[], hashes.HashAlgorithm]
     key_length: int
     aead_factory: Callable[[bytes], AESGCM | ChaCha20Poly1305]
+    # Built once: the key schedule asks for the hash some twenty times a handshake.
+    hash: hashes.HashAlgorithm = field(init=False, compare=False, repr=False)
+    hash_length: int = field(init=False, compare=False, repr=False)
 
-    @property
-    def hash(self) -> hashes.HashAlgorithm:
-        return self.hash_factory()
-
-    @property
-    def hash_length(self) -> int:
-        return self.hash_factory().digest_size
+    def __post_init__(self) -> None:
+        algorithm = self.hash_factory()
+        object.__setattr__(self, "hash", algorithm)
+        object.__setattr__(self, "hash_length", algorithm.digest_size)
 
 
 TLS_AES_128_GCM_SHA256 = CipherSuite(0x1301, "TLS_AES_128_GCM_SHA256", hashes.SHA256, 16, AESGCM)

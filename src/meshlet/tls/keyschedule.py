@@ -7,8 +7,10 @@ secrets, and a one-shot call costs a fraction of building HKDF/HMAC objects.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 
@@ -34,18 +36,31 @@ def hkdf_expand(hash_alg: hashes.HashAlgorithm, prk: bytes, info: bytes, length:
     return b"".join(blocks)[:length]
 
 
+@functools.lru_cache(maxsize=256)
+def _label_prefix(label: bytes, length: int) -> bytes:
+    """HkdfLabel up to its context (RFC 8446 section 7.1): the same few labels
+    and lengths recur in every handshake."""
+    full_label = b"tls13 " + label
+    return length.to_bytes(2, "big") + bytes((len(full_label),)) + full_label
+
+
 def hkdf_expand_label(
     hash_alg: hashes.HashAlgorithm, secret: bytes, label: bytes, context: bytes, length: int
 ) -> bytes:
-    full_label = b"tls13 " + label
-    info = (
-        length.to_bytes(2, "big") + bytes((len(full_label),)) + full_label + bytes((len(context),)) + context
-    )
+    info = _label_prefix(label, length) + bytes((len(context),)) + context
+    if length <= hash_alg.digest_size:
+        # Every TLS 1.3 secret, key and IV fits in one HKDF block: T(1) only.
+        return hmac.digest(secret, info + b"\x01", hash_alg.name)[:length]
     return hkdf_expand(hash_alg, secret, info, length)
 
 
 def transcript_digest(hash_alg: hashes.HashAlgorithm, data: bytes) -> bytes:
     return hashlib.new(hash_alg.name, data).digest()
+
+
+@functools.lru_cache(maxsize=8)
+def _empty_hash(name: str) -> bytes:
+    return hashlib.new(name).digest()
 
 
 def derive_secret(
@@ -98,11 +113,11 @@ class KeySchedule:
 
     def binder_key(self) -> bytes:
         """Resumption binder key (tickets are resumption PSKs)."""
-        return derive_secret(self._hash, self.secret, b"res binder", transcript_digest(self._hash, b""))
+        return derive_secret(self._hash, self.secret, b"res binder", _empty_hash(self._hash.name))
 
     def advance(self, ikm: bytes | None = None) -> None:
         """early -> handshake (ikm = ECDHE shared secret) -> master (no ikm)."""
-        derived = derive_secret(self._hash, self.secret, b"derived", transcript_digest(self._hash, b""))
+        derived = derive_secret(self._hash, self.secret, b"derived", _empty_hash(self._hash.name))
         self.secret = hkdf_extract(self._hash, derived, ikm if ikm is not None else self._zeros)
 
     def derive(self, label: bytes, transcript_hash: bytes) -> bytes:
@@ -110,15 +125,21 @@ class KeySchedule:
 
 
 class Transcript:
-    """The handshake messages so far. Transcripts are a few kilobytes, so the
-    hash is computed on demand over the joined messages: this keeps HRR's
-    message_hash substitution and PSK binders (hash of a partial ClientHello)
-    trivial."""
+    """The handshake messages so far, and one running hash over them.
 
-    __slots__ = ("_messages",)
+    The hash object is created on the first digest (the suite, hence the
+    hash, is known by then) and fed each later message once; a digest with
+    ``extra`` (a PSK binder over a partial ClientHello) hashes a copy. The
+    messages themselves are kept too, a few kilobytes, so that HRR's
+    message_hash substitution or a digest under another hash (a PSK offer
+    whose suite the server did not pick) can start over from them."""
+
+    __slots__ = ("_messages", "_running", "_running_name")
 
     def __init__(self) -> None:
         self._messages: list[bytes] = []
+        self._running: Any = None
+        self._running_name = ""
 
     @property
     def empty(self) -> bool:
@@ -126,11 +147,29 @@ class Transcript:
 
     def add(self, raw: bytes) -> None:
         self._messages.append(raw)
+        if self._running is not None:
+            self._running.update(raw)
 
     def digest(self, hash_alg: hashes.HashAlgorithm, extra: bytes = b"") -> bytes:
-        return transcript_digest(hash_alg, b"".join(self._messages) + extra)
+        running = self._running
+        if running is None or self._running_name != hash_alg.name:
+            running = self._restart(hash_alg.name)
+        if not extra:
+            return bytes(running.digest())
+        snapshot = running.copy()
+        snapshot.update(extra)
+        return bytes(snapshot.digest())
+
+    def _restart(self, name: str) -> Any:
+        running = hashlib.new(name)
+        for message in self._messages:
+            running.update(message)
+        self._running = running
+        self._running_name = name
+        return running
 
     def restart_after_retry(self, hash_alg: hashes.HashAlgorithm) -> None:
         """Replace ClientHello1 by its message_hash (RFC 8446 section 4.4.1)."""
         first = self._messages[0]
         self._messages[0] = message_hash(hash_alg, first)
+        self._running = None
