@@ -162,3 +162,25 @@ async def test_silent_healthy_workloads_become_unhealthy(store: SqliteStore) -> 
     assert health[quiet.name] == ("UNHEALTHY", "no health report for 30s")
     assert health[chatty.name] == ("HEALTHY", "still here")
     assert health[never.name] == ("UNKNOWN", None)  # never reported: not the sweeper's to judge
+
+
+async def test_steady_reports_refresh_reported_at_only_once_per_heartbeat(store: SqliteStore) -> None:
+    """The same health reported again writes nothing until ``heartbeat`` has
+    passed, then refreshes ``reported_at``: a proxy that keeps reporting stays
+    HEALTHY through the silence sweep, without a store write per report."""
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    tokens = RegistrationTokens.in_memory()
+    registry = Registry(store, tokens, clock=lambda: now[0], heartbeat=timedelta(seconds=10))
+    steady = await registry.register(tokens.issue("default", "reviews"), service="reviews",
+                                     address="127.0.0.1", ports={"http": 1})
+    first = await registry.report_health("default", steady.name, "HEALTHY")
+    now[0] += timedelta(seconds=4)
+    again = await registry.report_health("default", steady.name, "HEALTHY")
+    assert again.metadata.resource_version == first.metadata.resource_version  # nothing written
+    for _ in range(4):  # 40 s of reports every 10 s: past the 30 s sweep bound
+        now[0] += timedelta(seconds=10)
+        refreshed = await registry.report_health("default", steady.name, "HEALTHY")
+        assert refreshed.status.reported_at == now[0]
+    assert await registry.mark_silent_unhealthy(timedelta(seconds=30)) == []
+    (workload,) = await registry.workloads()
+    assert workload.status.health == "HEALTHY"

@@ -38,6 +38,9 @@ from meshlet.identity.tokens import (
 )
 
 HEALTH_UPDATE_ATTEMPTS = 5
+# How often a steady health report is written through (see Registry.report_health);
+# the control plane's silence sweep must allow a few of these.
+HEARTBEAT = timedelta(seconds=10)
 REGISTER_PURPOSE = "register"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 
@@ -113,10 +116,14 @@ class Endpoint:
 
 class Registry:
     def __init__(self, store: Store, tokens: TokenRedeemer,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 heartbeat: timedelta = HEARTBEAT) -> None:
         self.store = store
         self.tokens = tokens
         self._clock = clock
+        # A steady report still refreshes ``reported_at`` once this old, so the
+        # silence sweep can tell a live proxy from a dead one.
+        self.heartbeat = heartbeat
 
     async def register(self, token: str, *, service: str, address: str, ports: Mapping[str, int],
                        labels: Mapping[str, str] | None = None, version: str | None = None,
@@ -166,11 +173,14 @@ class Registry:
 
     async def report_health(self, namespace: str, name: str, health: Health,
                             reason: str | None = None) -> Workload:
-        """Record what the workload's proxy says of it; only writes when something changed
-        so steady reports do not push config."""
+        """Record what the workload's proxy says of it. A steady report writes only
+        when the stored one is older than ``heartbeat`` (so steady reports rarely
+        touch the store, yet the silence sweep sees the proxy alive)."""
         for _ in range(HEALTH_UPDATE_ATTEMPTS):
             workload = await self._get(namespace, name)
-            if workload.status.health == health and workload.status.reason == reason:
+            status = workload.status
+            unchanged = status.health == health and status.reason == reason
+            if unchanged and not self._heartbeat_due(status.reported_at):
                 return workload
             status = workload.status.model_copy(update={"health": health, "reason": reason,
                                                         "reported_at": self._now()})
@@ -181,6 +191,9 @@ class Registry:
                 continue
             return cast(Workload, stored)
         raise RegistrationError(f"workload {namespace}/{name}: health update kept conflicting")
+
+    def _heartbeat_due(self, reported_at: datetime | None) -> bool:
+        return reported_at is None or self._now() - reported_at >= self.heartbeat
 
     async def mark_silent_unhealthy(self, max_silence: timedelta) -> list[str]:
         """Workloads reported HEALTHY whose proxy has said nothing for ``max_silence``

@@ -51,8 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    settings = ControlPlaneSettings(store_url=args.store, api_port=args.api_port, xds_port=args.xds_port,
-                                    health_timeout=0)
+    # Supervisors re-send a steady health every few seconds (mesh.workload), so the
+    # default silence sweep marks only workloads whose supervisor has died.
+    settings = ControlPlaneSettings(store_url=args.store, api_port=args.api_port, xds_port=args.xds_port)
     try:
         asyncio.run(serve(settings))
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -33,6 +34,9 @@ from meshlet.mesh.state import MeshState, WorkloadRecord
 log = logging.getLogger("meshlet.mesh.workload")
 
 CHECK_PERIOD = 1.0
+# A steady health is re-sent this often: it is the heartbeat that keeps the
+# control plane's silence sweep from judging the workload dead.
+HEARTBEAT_PERIOD = 5.0
 PROBE_TIMEOUT = 1.0
 STOP_GRACE = 5.0
 
@@ -64,6 +68,7 @@ class Supervisor:
         self.sidecar: Child | None = None
         self.app: Child | None = None
         self.reported: str | None = None
+        self.reported_at = 0.0  # monotonic time of the last accepted report
 
     def run(self) -> int:
         try:
@@ -94,11 +99,13 @@ class Supervisor:
         return 0
 
     def _report(self, health: str, reason: str | None) -> None:
-        if health == self.reported:
+        now = time.monotonic()
+        if health == self.reported and now - self.reported_at < HEARTBEAT_PERIOD:
             return
         try:
             self.client.report_health(self.record.namespace, self.record.name, health, reason)
             self.reported = health
+            self.reported_at = now
         except ControlPlaneError as exc:
             # The control plane may be restarting; the next check reports again.
             log.warning("health report failed: %s", exc)
