@@ -43,6 +43,10 @@ class TlsConnection:
         self._handshake_buffer = HandshakeBuffer(config.max_handshake_message_size)
         # Protected records waiting for ``data_to_send``/``take_outgoing``.
         self._outgoing: list[bytes | bytearray] = []
+        # Handshake messages not yet protected: consecutive messages under one
+        # key share records (the server's EncryptedExtensions..Finished flight
+        # is one AEAD seal, not four).
+        self._pending_handshake: list[bytes] = []
         self._events: list[Event] = []
         self._closed = False
         self._peer_closed = False
@@ -61,9 +65,17 @@ class TlsConnection:
     # -- the Output interface the handshake machine uses ------------------- #
 
     def send_handshake(self, raw: bytes) -> None:
-        self._outgoing.append(self._records.protect(ContentType.handshake, raw))
+        self._pending_handshake.append(raw)
+
+    def _flush_handshake(self) -> None:
+        pending = self._pending_handshake
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            self._pending_handshake = []
+            self._outgoing.append(self._records.protect(ContentType.handshake, data))
 
     def send_change_cipher_spec(self) -> None:
+        self._flush_handshake()
         self._outgoing.append(b"\x14\x03\x03\x00\x01\x01")
 
     def set_read_secret(self, suite: CipherSuite, secret: bytes) -> None:
@@ -73,6 +85,7 @@ class TlsConnection:
         self._records.set_read_secret(suite, secret)
 
     def set_write_secret(self, suite: CipherSuite, secret: bytes) -> None:
+        self._flush_handshake()
         self._records.set_write_secret(suite, secret)
 
     def set_max_fragment(self, size: int) -> None:
@@ -228,6 +241,7 @@ class TlsConnection:
             raise TlsStateError("handshake not complete")
         if self._records.write_key_exhausted:
             self._machine.update_write_key(request_peer=False)
+        self._flush_handshake()
         self._outgoing.append(self._records.protect(ContentType.application_data, data))
 
     def update_key(self, *, request_peer: bool = True) -> None:
@@ -250,6 +264,7 @@ class TlsConnection:
     def take_outgoing(self) -> bytes | bytearray:
         """``data_to_send`` without a copy: the buffer is handed over (the
         connection keeps no reference to it)."""
+        self._flush_handshake()
         pending = self._outgoing
         if not pending:
             return b""
@@ -257,6 +272,7 @@ class TlsConnection:
         return pending[0] if len(pending) == 1 else b"".join(pending)
 
     def _send_alert(self, level: AlertLevel, description: AlertDescription) -> None:
+        self._flush_handshake()
         self._outgoing.append(self._records.protect(ContentType.alert, bytes((level, description))))
 
     # -- failure ---------------------------------------------------------------- #
