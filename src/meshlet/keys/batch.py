@@ -27,7 +27,10 @@ in software as well and counted. Settings::
     poll_delay: "0.2ms" | "200us" | "0.0002s" | seconds   (default 0.2ms)
     max_batch: 1..8               (default 8)
     software_fallback: bool       (default true)
-    backend: crypto_mb | software (default crypto_mb)
+    backend: crypto_mb | crypto_mb_always | software (default crypto_mb;
+                                  crypto_mb leaves to software the key types
+                                  that batch slower than they sign alone,
+                                  ``SLOWER_BATCHED``; crypto_mb_always batches them too)
     execution: auto | thread | inline   (default auto: P-256/P-384 inline, RSA thread)
     max_in_flight: 1..65536       (default 1024)
     sign_timeout: seconds         (default 5)
@@ -90,7 +93,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("crypto_mb", "software")
+BACKENDS = ("crypto_mb", "crypto_mb_always", "software")
 EXECUTIONS = ("auto", "thread", "inline")
 # Key types whose 8-lane call is short enough (P-256 ~0.2 ms, P-384 ~0.4 ms
 # on AVX-512 IFMA) to run on the loop under ``execution: auto``: the handoff
@@ -98,6 +101,14 @@ EXECUTIONS = ("auto", "thread", "inline")
 # (2048) to 26 ms (4096) and go to the worker thread.
 INLINE_KEY_TYPES = frozenset({"P-256", "P-384"})
 DEFAULT_POLL_DELAY = 0.0002
+# Key types that full mb8 batches sign with more CPU per signature than
+# ``cryptography`` does one at a time on AVX-512 IFMA (``measure``, signatures
+# per CPU-second, batched / software): backend ``crypto_mb`` signs them in
+# software. The others batch better: RSA-2048 1.69x, RSA-4096 1.22x,
+# P-256 1.35x, P-384 6.41x.
+SLOWER_BATCHED: dict[str, str] = {
+    "RSA-3072": "0.56x",
+}
 MAX_POLL_DELAY = 1.0
 
 _PSS_HASH: dict[int, str] = {
@@ -132,6 +143,8 @@ class Plan:
     key_type: str
     batched: bool
     reason: str
+    # Software by choice (batching would be slower), not for want of the library.
+    deliberate: bool = False
 
 
 def plan_for(kind: str, backend: str = "crypto_mb", report: crypto_mb.Probe | None = None) -> Plan:
@@ -145,6 +158,14 @@ def plan_for(kind: str, backend: str = "crypto_mb", report: crypto_mb.Probe | No
         return Plan(kind, False, f"crypto_mb does not batch {kind} keys (RSA-2048/3072/4096, P-256, P-384)")
     if not report.supports(kind):
         return Plan(kind, False, f"crypto_mb reports {kind} unsupported on this CPU")
+    if backend != "crypto_mb_always" and kind in SLOWER_BATCHED:
+        return Plan(
+            kind,
+            False,
+            f"{kind} batches slower than software here (full batches do {SLOWER_BATCHED[kind]} the signatures"
+            " per CPU-second); backend crypto_mb_always batches it anyway",
+            deliberate=True,
+        )
     return Plan(kind, True, f"crypto_mb applies: AVX-512 IFMA present and enabled, {kind} supported")
 
 
@@ -199,12 +220,13 @@ LANE_FAILED = 0x10
 
 
 class QueueStats:
-    __slots__ = ("batches", "full_flushes", "lanes", "timer_flushes")
+    __slots__ = ("batches", "full_flushes", "idle_flushes", "lanes", "timer_flushes")
 
     def __init__(self) -> None:
         self.batches = 0
         self.lanes = 0
         self.full_flushes = 0
+        self.idle_flushes = 0
         self.timer_flushes = 0
 
     def snapshot(self) -> dict[str, Any]:
@@ -213,6 +235,7 @@ class QueueStats:
             "batched_ops": self.lanes,
             "mean_batch": round(self.lanes / self.batches, 2) if self.batches else 0.0,
             "full_flushes": self.full_flushes,
+            "idle_flushes": self.idle_flushes,
             "timer_flushes": self.timer_flushes,
         }
 
@@ -248,6 +271,17 @@ class _Batch:
 class BatchQueue:
     """Gathers lanes of one key type on one loop and runs them in batches.
 
+    A batch leaves when it is full, or when the loop has run out of ready
+    work that could still add to it: the first lane schedules a check with
+    ``call_soon``, which runs after every callback already queued in this
+    loop iteration (the other connections whose data came in the same
+    poll). If lanes joined meanwhile, the check runs once more (their
+    neighbours may be one callback behind); then the batch leaves. A lone
+    lane is therefore held one loop iteration at most, and under load the
+    batch fills from whatever the loop is handling. ``poll_delay`` bounds the
+    wait whatever the loop does. While a batch is being computed in the
+    worker thread, the next one keeps gathering until the worker is free.
+
     A batch that has not come back ``timeout`` s after it left fails its
     operations with ``KeyProviderUnavailable`` (one timer per batch rather
     than one per operation), so a lane waits at most ``poll_delay``, plus
@@ -271,8 +305,14 @@ class BatchQueue:
         self._inline = inline
         self._pending: list[_Pending] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._idle_check: asyncio.Handle | None = None
+        # Lanes queued when the pending idle check was scheduled, and whether
+        # it has been re-armed already.
+        self._seen_at_check = 0
+        self._rearmed = False
         self._in_flight = 0
         self._flush_when_idle = False
+        self._deferred_by_timer = False
         self.stats = QueueStats()
 
     def submit(self, lane: Lane) -> asyncio.Future[LaneResult]:
@@ -281,36 +321,75 @@ class BatchQueue:
         if len(self._pending) >= self._max_batch:
             self.stats.full_flushes += 1
             self._flush()
-        elif self._timer is None and not self._flush_when_idle:
-            self._timer = self._loop.call_later(self._poll_delay, self._on_timer)
+        elif not self._flush_when_idle:
+            self._arm()
         return future
+
+    def _arm(self) -> None:
+        """Start waiting for company: an idle check now, ``poll_delay`` at most."""
+        if self._idle_check is None:
+            self._schedule_idle_check(rearmed=False)
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._poll_delay, self._on_timer)
+
+    def _schedule_idle_check(self, *, rearmed: bool) -> None:
+        self._seen_at_check = len(self._pending)
+        self._rearmed = rearmed
+        self._idle_check = self._loop.call_soon(self._on_idle)
+
+    def _on_idle(self) -> None:
+        self._idle_check = None
+        if not self._pending:
+            return
+        if not self._rearmed and len(self._pending) > self._seen_at_check:
+            self._schedule_idle_check(rearmed=True)
+            return
+        self._flush_or_defer(by_timer=False)
 
     def _on_timer(self) -> None:
         self._timer = None
+        if self._pending:
+            self._flush_or_defer(by_timer=True)
+
+    def _flush_or_defer(self, *, by_timer: bool) -> None:
         if self._in_flight:
             # The worker is still on the previous batch: keep gathering
             # until it is back, then send what has accumulated.
+            self._cancel_waits()
             self._flush_when_idle = True
+            self._deferred_by_timer = by_timer
             return
-        self.stats.timer_flushes += 1
+        self._count_flush(by_timer=by_timer)
         self._flush()
+
+    def _count_flush(self, *, by_timer: bool) -> None:
+        if by_timer:
+            self.stats.timer_flushes += 1
+        else:
+            self.stats.idle_flushes += 1
+
+    def _cancel_waits(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+            self._idle_check = None
 
     def _flush_if_deferred(self) -> None:
         if self._flush_when_idle and not self._in_flight:
             self._flush_when_idle = False
             if self._pending:
-                self.stats.timer_flushes += 1
+                self._count_flush(by_timer=self._deferred_by_timer)
                 self._flush()
 
     def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_waits()
         self._flush_when_idle = False
         items = [p for p in self._pending[: self._max_batch] if not p.future.done()]
         del self._pending[: self._max_batch]
         if self._pending:
-            self._timer = self._loop.call_later(self._poll_delay, self._on_timer)
+            self._arm()
         if not items:
             return
         self.stats.batches += 1
@@ -483,7 +562,7 @@ class BatchKeyProvider(KeyProvider):
         self.plan = plan(private_key, backend, report)
         self._signer = self._make_signer() if self.plan.batched else None
         if self._signer is None:
-            if not software_fallback and backend != "software":
+            if not software_fallback and backend != "software" and not self.plan.deliberate:
                 raise ProviderUnavailable("", f"{self.provider_name}: cannot batch: {self.plan.reason}")
             log.warning(
                 "%s: %s key signs in software: %s", self.provider_name, self.plan.key_type, self.plan.reason
@@ -736,8 +815,9 @@ def measure(key_type: str, seconds: float = 2.0, *, concurrency: int = 64) -> di
     key = _bench_key(key_type)
     scheme = _BENCH_SCHEME[key_type]
     part = seconds / 3
-    threaded = BatchKeyProvider(key, execution="thread")
-    inline = BatchKeyProvider(key, execution="inline")
+    # crypto_mb_always: the figure is what decides ``SLOWER_BATCHED``.
+    threaded = BatchKeyProvider(key, execution="thread", backend="crypto_mb_always")
+    inline = BatchKeyProvider(key, execution="inline", backend="crypto_mb_always")
     runs = {
         "batch_thread": asyncio.run(_provider_rate(threaded, scheme, part, concurrency)).as_dict(),
         "batch_inline": asyncio.run(_provider_rate(inline, scheme, part, concurrency)).as_dict(),
