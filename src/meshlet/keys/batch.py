@@ -2,12 +2,13 @@
 
 Sign operations are gathered per key type (RSA-2048/3072/4096, P-256,
 P-384) and per event loop; a batch leaves when ``max_batch`` operations are
-queued or ``poll_delay`` after its first one, and one ``mb8`` call signs all
-of it: RSA calls (1 to 26 ms) in a worker thread (ctypes drops the GIL)
+queued or when the loop has no more ready work that could join it (at most
+``poll_delay`` after its first one, see ``BatchQueue``), and one ``mb8``
+call signs all of it: RSA calls (1 to 26 ms) in a worker thread (ctypes drops the GIL)
 while the loop keeps serving; ECDSA calls (0.2 to 0.4 ms) on the loop by
 default, where they cost less CPU than the handoff to a thread (see
 ``measure``). Lanes of one batch may belong to different keys of one type.
-While a batch is being computed, a timer-driven flush of the same queue
+While a batch is being computed, a partial flush of the same queue
 waits for it to finish, so that a busy queue sends fuller batches instead
 of a line of small ones.
 
