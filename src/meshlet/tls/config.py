@@ -3,6 +3,7 @@ connections. Randomness and the clock are injected (tests replay RFC 8448)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -13,6 +14,7 @@ from typing import Protocol, runtime_checkable
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
+from meshlet.tls.codec import Certificate, CertificateEntry
 from meshlet.tls.crypto import (
     CERTIFICATE_SCHEMES,
     CIPHER_SUITES,
@@ -109,8 +111,15 @@ class TlsConfig:
     def initial_share_groups(self) -> tuple[int, ...]:
         return self.key_share_groups if self.key_share_groups is not None else self.groups[:1]
 
-    @property
+    @functools.cached_property
     def signing_schemes(self) -> tuple[int, ...]:
         if self.key is None:
             return ()
         return tuple(s for s in self.key.schemes if s in self.signature_schemes)
+
+    @functools.cached_property
+    def certificate_message(self) -> bytes:
+        """Our Certificate message (empty context, no per-entry extensions):
+        the same bytes for every handshake, so they are built once."""
+        entries = tuple(CertificateEntry(der) for der in self.certificate_chain)
+        return Certificate(b"", entries).serialize()

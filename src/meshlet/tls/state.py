@@ -221,6 +221,9 @@ class HandshakeMachine:
     # -- certificates ----------------------------------------------------- #
 
     def _send_certificate(self, context: bytes = b"") -> None:
+        if not context:
+            self._send(self.config.certificate_message)
+            return
         entries = tuple(CertificateEntry(der) for der in self.config.certificate_chain)
         self._send(Certificate(context, entries).serialize())
 
