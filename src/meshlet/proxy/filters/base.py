@@ -40,6 +40,28 @@ ROUTER_NAME = "envoy.filters.http.router"
 ROUTER_TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 
+class RoutePlan:
+    """What the manager and the router derive from a selected (virtual host,
+    route) pair, built once per route and config: header mutations in
+    Envoy's order, and the route's stats."""
+
+    __slots__ = ("request_mutations", "response_mutations", "route", "stats", "vhost")
+
+    def __init__(
+        self,
+        vhost: VirtualHost,
+        route: Route,
+        request_mutations: tuple[HeaderMutation, ...],
+        response_mutations: tuple[HeaderMutation, ...],
+        stats: RouteStats,
+    ) -> None:
+        self.vhost = vhost
+        self.route = route
+        self.request_mutations = request_mutations
+        self.response_mutations = response_mutations
+        self.stats = stats
+
+
 class RequestContext:
     """One request as the filters see it. ``head`` is mutable: filters and the
     router edit it in place before it goes upstream."""
@@ -49,6 +71,7 @@ class RequestContext:
         "head",
         "info",
         "internal",
+        "plan",
         "responder",
         "response_mutations",
         "route",
@@ -73,6 +96,9 @@ class RequestContext:
         self.vhost: VirtualHost | None = None
         self.route: Route | None = None
         self.response_mutations: tuple[HeaderMutation, ...] = ()
+        # Set with the route by the connection manager (None: no route, or a
+        # responder that derives nothing ahead).
+        self.plan: RoutePlan | None = None
         self.responder = responder
         # Free-form per-request data filters hand to each other (Envoy's filter state).
         self.filter_state: dict[str, object] = {}

@@ -266,11 +266,13 @@ class Router(TerminalFilter):
         body = self._replay_body(ctx, route, policy is not None or bool(action.mirror_policies))
         if action.mirror_policies:
             self.mirror.shadow(action.mirror_policies, ctx.head, body, timeout, self._rng.randrange)
+        plan = ctx.plan
+        route_stats = plan.stats if plan is not None and plan.route is route else None
         exchange = _Exchange(
             ctx,
             cluster,
             action,
-            ctx.responder.route_stats(vhost, route),
+            route_stats or ctx.responder.route_stats(vhost, route),
             self._envoy_headers,
             _Retries(policy, self._retry_stats_of(cluster), self._rng.random) if policy else None,
             body,
@@ -327,7 +329,11 @@ class Router(TerminalFilter):
                 head.path = new_path
         if action.host_rewrite_literal:
             head.authority = action.host_rewrite_literal
-        if ctx.route_config is not None and ctx.vhost is not None:
+        plan = ctx.plan
+        if plan is not None and plan.route is route:
+            for mutation in plan.request_mutations:
+                apply_header_mutation(head.headers, mutation)
+        elif ctx.route_config is not None and ctx.vhost is not None:
             for mutation in request_mutations(ctx.route_config, ctx.vhost, route):
                 apply_header_mutation(head.headers, mutation)
 

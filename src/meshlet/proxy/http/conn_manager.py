@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from meshlet.config.model import (
-    HeaderMutation,
     HttpConnectionManagerConfig,
     Route,
     RouteConfiguration,
@@ -33,6 +32,7 @@ from meshlet.proxy.filters.base import (
     FilterChain,
     RequestContext,
     Responder,
+    RoutePlan,
     RouterStats,
     RouteStats,
     build_filter_chain,
@@ -43,7 +43,7 @@ from meshlet.proxy.http.local_reply import REQUEST_TIMEOUT, LocalReply, response
 from meshlet.proxy.http.stream import CodecSettings, DownstreamStream, RequestHead, ResponseHead, StreamReset
 from meshlet.proxy.observe.access_log import AccessLog, ResponseFlag, StreamInfo, build_access_logs
 from meshlet.proxy.observe.stats import Counter, Scope
-from meshlet.proxy.routing import RouteTable, apply_header_mutation, response_mutations
+from meshlet.proxy.routing import RouteTable, apply_header_mutation, request_mutations, response_mutations
 from meshlet.proxy.transport import ConnectionInfo
 
 if TYPE_CHECKING:
@@ -127,7 +127,8 @@ class HttpConnectionManager(Responder):
         self._router = self._filters.terminal
         self._access_logs: tuple[AccessLog, ...] = build_access_logs(config.access_logs, f"{path}.access_log")
         self._route_stats: dict[tuple[str, str, int], RouteStats] = {}
-        self._response_mutations: dict[tuple[str, str, int], tuple[HeaderMutation, ...]] = {}
+        # Keyed by the route's id; the plan holds the route, so the id stays its own.
+        self._plans: dict[int, RoutePlan] = {}
         self._codec_settings: dict[str, CodecSettings] = {}
         self._server_name = config.server_name
 
@@ -246,7 +247,11 @@ class HttpConnectionManager(Responder):
             vhost, route = selected
             ctx.vhost, ctx.route = vhost, route
             ctx.info.route_name = route.name
-            ctx.response_mutations = self._response_mutations_for(vhost, route)
+            plan = self._plans.get(id(route))
+            if plan is None or plan.vhost is not vhost:
+                plan = self._plan_for(vhost, route)
+            ctx.plan = plan
+            ctx.response_mutations = plan.response_mutations
         for flt in self._request_filters:
             reply = await flt.on_request(ctx)
             if reply is not None:
@@ -265,13 +270,16 @@ class HttpConnectionManager(Responder):
         self.stats.rq_timeout.inc()
         await self.send_local_reply(ctx, REQUEST_TIMEOUT)
 
-    def _response_mutations_for(self, vhost: VirtualHost, route: Route) -> tuple[HeaderMutation, ...]:
-        key = (vhost.name, route.name, route.index)
-        found = self._response_mutations.get(key)
-        if found is None:
-            config = self._route_config
-            found = self._response_mutations[key] = response_mutations(config, vhost, route) if config else ()
-        return found
+    def _plan_for(self, vhost: VirtualHost, route: Route) -> RoutePlan:
+        config = self._route_config
+        plan = self._plans[id(route)] = RoutePlan(
+            vhost,
+            route,
+            request_mutations(config, vhost, route) if config else (),
+            response_mutations(config, vhost, route) if config else (),
+            self.route_stats(vhost, route),
+        )
+        return plan
 
     # -- Responder -------------------------------------------------------- #
 

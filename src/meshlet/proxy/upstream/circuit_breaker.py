@@ -59,9 +59,10 @@ class Resource:
         return self.count < self.limit
 
     def _publish(self) -> None:
-        self._open.set(1 if self.count >= self.limit else 0)
+        # Plain attribute stores: this runs twice per request (acquire, release).
+        self._open.value = 1 if self.count >= self.limit else 0
         if self._remaining is not None:
-            self._remaining.set(max(self.limit - self.count, 0))
+            self._remaining.value = max(self.limit - self.count, 0)
 
 
 class ConnectionWaiter(Protocol):
