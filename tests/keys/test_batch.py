@@ -84,7 +84,7 @@ def check(provider: BatchKeyProvider, signed: list[tuple[int, bytes, bytes]]) ->
 @needs_crypto_mb
 @pytest.mark.parametrize("kind", ["RSA-2048", "RSA-3072", "RSA-4096", "P-256", "P-384"])
 async def test_every_batched_signature_verifies(kind: str) -> None:
-    provider = BatchKeyProvider(key_of(kind), poll_delay=0.001, backend="crypto_mb_always")
+    provider = BatchKeyProvider(key_of(kind), min_batch=1, poll_delay=0.001, backend="crypto_mb_always")
     assert provider.batched and provider.fallback_reason is None
     signed = await sign_all(provider, 8 + 3)  # one full batch and a partial one
     check(provider, signed)
@@ -96,7 +96,7 @@ async def test_every_batched_signature_verifies(kind: str) -> None:
 
 @needs_crypto_mb
 async def test_a_full_batch_leaves_without_waiting_for_the_timer() -> None:
-    provider = BatchKeyProvider(key_of("P-256"), poll_delay=1.0, max_batch=4)
+    provider = BatchKeyProvider(key_of("P-256"), min_batch=1, poll_delay=1.0, max_batch=4)
     signed = await asyncio.wait_for(sign_all(provider, 4), 0.9)
     check(provider, signed)
     assert provider.stats()["queue"] == {
@@ -106,12 +106,13 @@ async def test_a_full_batch_leaves_without_waiting_for_the_timer() -> None:
         "full_flushes": 1,
         "idle_flushes": 0,
         "timer_flushes": 0,
+        "unbatched_ops": 0,
     }
 
 
 @needs_crypto_mb
 async def test_a_partial_batch_leaves_once_the_loop_is_idle_not_after_poll_delay() -> None:
-    provider = BatchKeyProvider(key_of("RSA-2048"), poll_delay=1.0)
+    provider = BatchKeyProvider(key_of("RSA-2048"), min_batch=1, poll_delay=1.0)
     started = time.monotonic()
     signed = await sign_all(provider, 3)
     assert time.monotonic() - started < 0.9  # poll_delay is only the upper bound
@@ -124,10 +125,12 @@ async def test_a_partial_batch_leaves_once_the_loop_is_idle_not_after_poll_delay
 @needs_crypto_mb
 async def test_keys_of_one_type_share_batches_and_each_gets_its_own_signature() -> None:
     rsa_providers = [
-        BatchKeyProvider(rsa.generate_private_key(65537, 2048), poll_delay=0.002) for _ in range(3)
+        BatchKeyProvider(rsa.generate_private_key(65537, 2048), min_batch=1, poll_delay=0.002)
+        for _ in range(3)
     ]
     ec_providers = [
-        BatchKeyProvider(ec.generate_private_key(ec.SECP256R1()), poll_delay=0.002) for _ in range(2)
+        BatchKeyProvider(ec.generate_private_key(ec.SECP256R1()), min_batch=1, poll_delay=0.002)
+        for _ in range(2)
     ]
     providers = rsa_providers + ec_providers
     results = await asyncio.gather(*(sign_all(p, 7) for p in providers))
@@ -141,7 +144,7 @@ async def test_keys_of_one_type_share_batches_and_each_gets_its_own_signature() 
 @needs_crypto_mb
 @pytest.mark.parametrize("kind", ["P-256", "P-384"])
 async def test_ecdsa_nonces_are_never_reused(kind: str) -> None:
-    provider = BatchKeyProvider(key_of(kind), poll_delay=0.001)
+    provider = BatchKeyProvider(key_of(kind), min_batch=1, poll_delay=0.001)
     signed = await sign_all(provider, 400, payload=b"the same message every time")
     check(provider, signed)
     r_values = {decode_dss_signature(signature)[0] for _, _, signature in signed}
@@ -150,7 +153,7 @@ async def test_ecdsa_nonces_are_never_reused(kind: str) -> None:
 
 @needs_crypto_mb
 async def test_rsa_pss_salts_are_fresh() -> None:
-    provider = BatchKeyProvider(key_of("RSA-2048"), poll_delay=0.001)
+    provider = BatchKeyProvider(key_of("RSA-2048"), min_batch=1, poll_delay=0.001)
     signed = await sign_all(provider, 16, payload=b"same")
     check(provider, signed)
     assert len({signature for _, _, signature in signed}) == 16
@@ -158,7 +161,7 @@ async def test_rsa_pss_salts_are_fresh() -> None:
 
 @needs_crypto_mb
 async def test_a_lane_the_library_refuses_is_signed_in_software() -> None:
-    provider = BatchKeyProvider(key_of("P-256"), poll_delay=0.001)
+    provider = BatchKeyProvider(key_of("P-256"), min_batch=1, poll_delay=0.001)
     signer = provider._signer
     assert signer is not None
     real = signer.run
@@ -177,7 +180,7 @@ async def test_a_lane_the_library_refuses_is_signed_in_software() -> None:
 
 @needs_crypto_mb
 async def test_a_failing_batch_call_falls_back_for_all_its_lanes(caplog: pytest.LogCaptureFixture) -> None:
-    provider = BatchKeyProvider(key_of("RSA-2048"), poll_delay=0.001)
+    provider = BatchKeyProvider(key_of("RSA-2048"), min_batch=1, poll_delay=0.001)
     assert provider._signer is not None
 
     def broken(lanes: Sequence[Lane]) -> list[LaneResult]:
@@ -193,7 +196,7 @@ async def test_a_failing_batch_call_falls_back_for_all_its_lanes(caplog: pytest.
 
 @needs_crypto_mb
 async def test_while_a_batch_is_computed_the_next_one_gathers() -> None:
-    provider = BatchKeyProvider(key_of("RSA-2048"), poll_delay=0.001, execution="thread")
+    provider = BatchKeyProvider(key_of("RSA-2048"), min_batch=1, poll_delay=0.001, execution="thread")
     signer = provider._signer
     assert signer is not None
     real = signer.run
@@ -213,7 +216,9 @@ async def test_while_a_batch_is_computed_the_next_one_gathers() -> None:
 
 @needs_crypto_mb
 async def test_a_stuck_batch_times_out_and_the_queue_moves_on() -> None:
-    provider = BatchKeyProvider(key_of("P-256"), poll_delay=0.001, sign_timeout=0.1, execution="thread")
+    provider = BatchKeyProvider(
+        key_of("P-256"), min_batch=1, poll_delay=0.001, sign_timeout=0.1, execution="thread"
+    )
     signer = provider._signer
     assert signer is not None
     real = signer.run
@@ -249,7 +254,7 @@ def wait_child(pid: int, timeout: float) -> int:
 
 @needs_crypto_mb
 def test_a_forked_worker_process_gets_its_own_batch_thread() -> None:
-    provider = BatchKeyProvider(key_of("RSA-2048"), poll_delay=0.001, execution="thread")
+    provider = BatchKeyProvider(key_of("RSA-2048"), min_batch=1, poll_delay=0.001, execution="thread")
 
     async def sign_and_check(count: int) -> None:
         check(provider, await asyncio.wait_for(sign_all(provider, count), 5))
@@ -414,7 +419,7 @@ async def test_concurrent_tls13_handshakes_signed_by_batches(tmp_path: Path, kin
     pki = MiniPki.create(tmp_path)
     leaf = pki.issue("server", kind)
     assert isinstance(leaf.key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
-    provider = BatchKeyProvider(leaf.key, poll_delay=0.005)
+    provider = BatchKeyProvider(leaf.key, min_batch=1, poll_delay=0.005)
     factory = MeshletTlsSocketFactory(TlsConfig(certificate_chain=leaf.chain, key=provider), server_side=True)
     served = await meshlet_serve(factory, lambda info: Echo(info))
     try:
@@ -435,7 +440,7 @@ async def test_openssl_s_client_verifies_a_batched_rsa_pss_signature(tmp_path: P
     pki = MiniPki.create(tmp_path)
     leaf = pki.issue("server", "rsa")
     assert isinstance(leaf.key, rsa.RSAPrivateKey)
-    provider = BatchKeyProvider(leaf.key, poll_delay=0.0002)
+    provider = BatchKeyProvider(leaf.key, min_batch=1, poll_delay=0.0002)
     factory = MeshletTlsSocketFactory(TlsConfig(certificate_chain=leaf.chain, key=provider), server_side=True)
     served = await meshlet_serve(factory, lambda info: Echo(info))
     command = [
@@ -477,7 +482,13 @@ async def test_batch_provider_from_envoy_config(tmp_path: Path) -> None:
     ensure_registered()
     pki = MiniPki.create(tmp_path)
     leaf = pki.issue("server", "p384")
-    settings = {"key": str(leaf.key_file), "poll_delay": "0.2ms", "max_batch": 8, "software_fallback": False}
+    settings = {
+        "key": str(leaf.key_file),
+        "poll_delay": "0.2ms",
+        "max_batch": 8,
+        "min_batch": 1,
+        "software_fallback": False,
+    }
     data = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {

@@ -15,7 +15,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from meshlet.keys import crypto_mb
-from meshlet.keys.batch import SLOWER_BATCHED, BatchKeyProvider, BatchQueue, plan_for
+from meshlet.keys.batch import (
+    BREAK_EVEN_LANES,
+    LANE_UNBATCHED,
+    SLOWER_BATCHED,
+    BatchKeyProvider,
+    BatchQueue,
+    plan_for,
+)
 from meshlet.keys.crypto_mb import Lane, LaneResult, Probe
 from meshlet.tls.crypto import SignatureScheme, verify
 
@@ -148,7 +155,7 @@ async def test_a_deliberate_software_route_is_no_error_without_fallback() -> Non
 
 @needs_crypto_mb
 async def test_twenty_concurrent_rsa_signs_take_three_mb8_calls() -> None:
-    provider = BatchKeyProvider(rsa.generate_private_key(65537, 2048), poll_delay=1.0)
+    provider = BatchKeyProvider(rsa.generate_private_key(65537, 2048), min_batch=1, poll_delay=1.0)
     scheme = SignatureScheme.rsa_pss_rsae_sha256
     started = time.monotonic()
     signatures = await asyncio.gather(*(provider.sign(scheme, b"m%d" % i) for i in range(20)))
@@ -157,3 +164,30 @@ async def test_twenty_concurrent_rsa_signs_take_three_mb8_calls() -> None:
         verify(provider.public_key, scheme, signature, b"m%d" % index)
     queue = provider.stats()["queue"]
     assert queue["batches"] == 3 and queue["batched_ops"] == 20 and queue["timer_flushes"] == 0
+
+
+async def test_a_batch_below_min_lanes_is_handed_back_for_software() -> None:
+    run = Recorder()
+    queue = BatchQueue(asyncio.get_running_loop(), run, 8, 5.0, 5.0, inline=True, min_lanes=5)
+
+    async def one(index: int) -> LaneResult:
+        return await queue.submit(lane(index))
+
+    results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(12))), 0.9)
+    # Eight leave as a full batch; the four left over would not pay for a call.
+    assert run.calls == [8]
+    assert results[8:] == [LANE_UNBATCHED] * 4 and LANE_UNBATCHED not in results[:8]
+    assert queue.stats.snapshot()["unbatched_ops"] == 4
+
+
+@needs_crypto_mb
+async def test_the_provider_signs_small_batches_in_software_by_default() -> None:
+    provider = BatchKeyProvider(rsa.generate_private_key(65537, 2048), poll_delay=1.0)
+    assert provider.stats()["min_batch"] == BREAK_EVEN_LANES["RSA-2048"]
+    scheme = SignatureScheme.rsa_pss_rsae_sha256
+    signatures = await asyncio.gather(*(provider.sign(scheme, b"m%d" % i) for i in range(10)))
+    for index, signature in enumerate(signatures):
+        verify(provider.public_key, scheme, signature, b"m%d" % index)
+    stats = provider.stats()
+    assert stats["queue"]["batched_ops"] == 8 and stats["queue"]["unbatched_ops"] == 2
+    assert stats["software_ops"] == 2 and stats["lane_errors"] == 0

@@ -27,6 +27,8 @@ in software as well and counted. Settings::
     private_key: {filename | inline_string | environment_variable}
     poll_delay: "0.2ms" | "200us" | "0.0002s" | seconds   (default 0.2ms)
     max_batch: 1..8               (default 8)
+    min_batch: 1..8               (default: the key type's break-even, BREAK_EVEN_LANES;
+                                  a batch with fewer lanes is signed in software)
     software_fallback: bool       (default true)
     backend: crypto_mb | crypto_mb_always | software (default crypto_mb;
                                   crypto_mb leaves to software the key types
@@ -109,6 +111,16 @@ DEFAULT_POLL_DELAY = 0.0002
 # P-256 1.35x, P-384 6.41x.
 SLOWER_BATCHED: dict[str, str] = {
     "RSA-3072": "0.56x",
+}
+# An mb8 call costs about the same CPU with one lane as with eight, so a
+# batch pays only from ceil(8 / speedup) lanes (the speedups above); a
+# smaller batch is signed in software, one at a time, where it would have run.
+BREAK_EVEN_LANES: dict[str, int] = {
+    "RSA-2048": 5,
+    "RSA-3072": 8,
+    "RSA-4096": 7,
+    "P-256": 6,
+    "P-384": 2,
 }
 MAX_POLL_DELAY = 1.0
 
@@ -218,14 +230,18 @@ os.register_at_fork(after_in_child=_forget_worker_after_fork)
 
 # The status given to lanes of a batch whose call raised (no library status).
 LANE_FAILED = 0x10
+# The status given to lanes of a batch too small to pay for an mb8 call: the
+# provider signs them in software. Negative: never a library status.
+LANE_UNBATCHED = -1
 
 
 class QueueStats:
-    __slots__ = ("batches", "full_flushes", "idle_flushes", "lanes", "timer_flushes")
+    __slots__ = ("batches", "full_flushes", "idle_flushes", "lanes", "timer_flushes", "unbatched")
 
     def __init__(self) -> None:
         self.batches = 0
         self.lanes = 0
+        self.unbatched = 0
         self.full_flushes = 0
         self.idle_flushes = 0
         self.timer_flushes = 0
@@ -238,6 +254,7 @@ class QueueStats:
             "full_flushes": self.full_flushes,
             "idle_flushes": self.idle_flushes,
             "timer_flushes": self.timer_flushes,
+            "unbatched_ops": self.unbatched,
         }
 
 
@@ -297,10 +314,12 @@ class BatchQueue:
         timeout: float,
         *,
         inline: bool = False,
+        min_lanes: int = 1,
     ) -> None:
         self._loop = loop
         self._run = run
         self._max_batch = max_batch
+        self._min_lanes = min(min_lanes, max_batch)
         self._poll_delay = poll_delay
         self._timeout = timeout
         self._inline = inline
@@ -393,6 +412,10 @@ class BatchQueue:
             self._arm()
         if not items:
             return
+        if len(items) < self._min_lanes:
+            self.stats.unbatched += len(items)
+            _Batch(items).deliver([LANE_UNBATCHED] * len(items))
+            return
         self.stats.batches += 1
         self.stats.lanes += len(items)
         batch = _Batch(items)
@@ -440,7 +463,7 @@ class BatchQueue:
 
 
 # Queues outlive no loop: a loop that goes away takes its queues with it.
-_QueueKey = tuple[str, int, float, float, bool]
+_QueueKey = tuple[str, int, float, float, bool, int]
 _queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_QueueKey, BatchQueue]]
 _queues = weakref.WeakKeyDictionary()
 
@@ -453,14 +476,17 @@ def queue_for(
     timeout: float,
     *,
     inline: bool = False,
+    min_lanes: int = 1,
 ) -> BatchQueue:
     """This loop's queue for ``kind`` with these settings (created on first use)."""
     loop = asyncio.get_running_loop()
     per_loop = _queues.setdefault(loop, {})
-    key = (kind, max_batch, poll_delay, timeout, inline)
+    key = (kind, max_batch, poll_delay, timeout, inline, min_lanes)
     queue = per_loop.get(key)
     if queue is None:
-        queue = per_loop[key] = BatchQueue(loop, run, max_batch, poll_delay, timeout, inline=inline)
+        queue = per_loop[key] = BatchQueue(
+            loop, run, max_batch, poll_delay, timeout, inline=inline, min_lanes=min_lanes
+        )
     return queue
 
 
@@ -532,6 +558,7 @@ class BatchKeyProvider(KeyProvider):
         *,
         poll_delay: float = DEFAULT_POLL_DELAY,
         max_batch: int = crypto_mb.LANES,
+        min_batch: int | None = None,
         software_fallback: bool = True,
         backend: str = "crypto_mb",
         max_in_flight: int = 1024,
@@ -547,6 +574,8 @@ class BatchKeyProvider(KeyProvider):
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}")
         if not 1 <= max_batch <= crypto_mb.LANES:
             raise ValueError(f"max_batch must be in [1, {crypto_mb.LANES}]")
+        if min_batch is not None and not 1 <= min_batch <= crypto_mb.LANES:
+            raise ValueError(f"min_batch must be in [1, {crypto_mb.LANES}]")
         if not 0 <= poll_delay <= MAX_POLL_DELAY:
             raise ValueError(f"poll_delay must be in [0, {MAX_POLL_DELAY:g}] s")
         super().__init__(private_key.public_key())
@@ -554,6 +583,8 @@ class BatchKeyProvider(KeyProvider):
         self._poll_delay = poll_delay
         self._max_batch = max_batch
         kind = key_type(private_key)
+        chosen_min = min_batch if min_batch is not None else BREAK_EVEN_LANES.get(kind, 1)
+        self._min_batch = min(chosen_min, max_batch)
         self._inline = execution == "inline" or (execution == "auto" and kind in INLINE_KEY_TYPES)
         self._limit = InFlightLimit(max_in_flight, sign_timeout)
         self._sign_timeout = sign_timeout
@@ -598,6 +629,8 @@ class BatchKeyProvider(KeyProvider):
                 return await self._sign_in_software(scheme, data)
             # No per-operation timer: the queue times out whole batches.
             result = await self._queue(signer).submit(signer.lane(scheme, data))
+            if type(result) is int and result == LANE_UNBATCHED:
+                return await self._sign_in_software(scheme, data)
             if isinstance(result, int):
                 # A lane the library refused: still a signature, from software.
                 self.lane_errors += 1
@@ -614,6 +647,7 @@ class BatchKeyProvider(KeyProvider):
             self._poll_delay,
             self._sign_timeout,
             inline=self._inline,
+            min_lanes=self._min_batch,
         )
 
     async def _sign_in_software(self, scheme: int, data: bytes) -> bytes:
@@ -639,6 +673,7 @@ class BatchKeyProvider(KeyProvider):
             "lane_errors": self.lane_errors,
             "software_ops": self.software_ops,
             "max_batch": self._max_batch,
+            "min_batch": self._min_batch,
             "poll_delay_ms": self._poll_delay * 1000.0,
             "execution": "inline" if self._inline else "thread",
         }
@@ -653,7 +688,14 @@ class BatchKeyProvider(KeyProvider):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return None
-        key = (self.plan.key_type, self._max_batch, self._poll_delay, self._sign_timeout, self._inline)
+        key = (
+            self.plan.key_type,
+            self._max_batch,
+            self._poll_delay,
+            self._sign_timeout,
+            self._inline,
+            self._min_batch,
+        )
         return _queues.get(loop, {}).get(key) if self._signer is not None else None
 
     def close(self) -> None:
@@ -716,6 +758,7 @@ def build_batch(config: PrivateKeyProviderConfig) -> BatchKeyProvider:
         "private_key",
         "poll_delay",
         "max_batch",
+        "min_batch",
         "software_fallback",
         "backend",
         "max_in_flight",
@@ -731,6 +774,11 @@ def build_batch(config: PrivateKeyProviderConfig) -> BatchKeyProvider:
             key,
             poll_delay=poll_delay,
             max_batch=settings.integer("max_batch", crypto_mb.LANES, minimum=1, maximum=crypto_mb.LANES),
+            min_batch=(
+                settings.integer("min_batch", 1, minimum=1, maximum=crypto_mb.LANES)
+                if "min_batch" in settings.values
+                else None
+            ),
             software_fallback=_boolean(settings, "software_fallback", True),
             backend=settings.choice("backend", BACKENDS, "crypto_mb"),
             max_in_flight=settings.integer("max_in_flight", 1024, minimum=1, maximum=65536),
