@@ -19,6 +19,7 @@ into ``HttpFilterConfig.config``; this one builds the live filter from it.)
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ class RequestContext:
         "route",
         "route_config",
         "stream",
+        "task",
         "vhost",
     )
 
@@ -87,8 +89,11 @@ class RequestContext:
         internal: bool,
         route_config: RouteConfiguration | None,
         responder: Responder,
+        task: asyncio.Task[object] | None = None,
     ) -> None:
         self.stream = stream
+        # The task serving the request (what a timeout cancels); None: unknown.
+        self.task = task
         self.head: RequestHead = stream.head
         self.info = info
         self.internal = internal
@@ -124,7 +129,7 @@ class RouteStats:
     def response(self, status: int, elapsed_ms: float) -> None:
         n = status // 100
         if 1 <= n <= 5:
-            self._by_class[n - 1].inc()
+            self._by_class[n - 1].value += 1
         self.rq_time.record(elapsed_ms)
 
 

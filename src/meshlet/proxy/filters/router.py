@@ -104,9 +104,15 @@ class Watchdog:
         "fired",
     )
 
-    def __init__(self, route_timeout: float | None, idle_timeout: float | None, body: BodyStream) -> None:
+    def __init__(
+        self,
+        route_timeout: float | None,
+        idle_timeout: float | None,
+        body: BodyStream,
+        task: asyncio.Task[object] | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
+        self._task = task if task is not None else asyncio.current_task()
         now = self._loop.time()
         self._route_timeout = route_timeout or None
         self._body: BodyStream | None = None if body.ended else body
@@ -424,10 +430,11 @@ class _Exchange:
 
     async def run(self, route_timeout: float | None, idle_timeout: float | None) -> None:
         ctx, cluster = self._ctx, self._cluster
-        cluster.stats.rq_total.inc()
-        cluster.stats.rq_active.inc()
-        self._route_stats.rq_total.inc()
-        self._watchdog = Watchdog(route_timeout, idle_timeout, ctx.stream.body)
+        cluster_stats = cluster.stats
+        cluster_stats.rq_total.value += 1
+        cluster_stats.rq_active.value += 1
+        self._route_stats.rq_total.value += 1
+        self._watchdog = Watchdog(route_timeout, idle_timeout, ctx.stream.body, ctx.task)
         completed = False
         try:
             completed = await self._attempts()
@@ -440,7 +447,7 @@ class _Exchange:
         finally:
             self._watchdog.stop()
             self._release_retry()
-            cluster.stats.rq_active.dec()
+            cluster_stats.rq_active.value -= 1
             self._end_attempt(completed)
             if self._body is not None:
                 self._body.stop()

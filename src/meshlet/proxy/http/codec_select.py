@@ -47,6 +47,8 @@ def sniff(data: bytes) -> str | None:
 
 CodecFactory = Callable[[str], asyncio.Protocol]
 Handler = Callable[[DownstreamStream], Awaitable[None]]
+# A handler told which task serves the request (looked up once, here).
+TaskHandler = Callable[[DownstreamStream, "asyncio.Task[object] | None"], Awaitable[None]]
 
 
 class DownstreamConnection(asyncio.Protocol):
@@ -69,7 +71,7 @@ class DownstreamConnection(asyncio.Protocol):
     def codec(self) -> asyncio.Protocol | None:
         return self._codec
 
-    def guard(self, handler: Handler) -> Handler:
+    def guard(self, handler: TaskHandler) -> Handler:
         """Wrap the request handler so that requests still being served when
         the connection goes away are cancelled (and with them their upstream
         requests): nobody is left to read the answer."""
@@ -78,11 +80,11 @@ class DownstreamConnection(asyncio.Protocol):
         async def guarded(stream: DownstreamStream) -> None:
             task = asyncio.current_task()
             if task is None:
-                await handler(stream)
+                await handler(stream, None)
                 return
             tasks.add(task)
             try:
-                await handler(stream)
+                await handler(stream, task)
             finally:
                 tasks.discard(task)
 

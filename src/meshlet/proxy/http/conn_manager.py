@@ -94,9 +94,9 @@ class HttpStats:
     def response_class(self, status: int) -> None:
         n = status // 100
         if 1 <= n <= 5:
-            self.rq_by_class[n - 1].inc()
+            self.rq_by_class[n - 1].value += 1
             if self.listener_by_class is not None:
-                self.listener_by_class[n - 1].inc()
+                self.listener_by_class[n - 1].value += 1
 
 
 def _class_counters(scope: Scope, prefix: str) -> tuple[Counter, ...]:
@@ -211,17 +211,18 @@ class HttpConnectionManager(Responder):
 
     # -- requests --------------------------------------------------------- #
 
-    async def handle(self, stream: DownstreamStream) -> None:
-        """Serve one request (the codecs' handler)."""
+    async def handle(self, stream: DownstreamStream, task: asyncio.Task[object] | None = None) -> None:
+        """Serve one request (the codecs' handler); ``task`` is the one serving it, if known."""
         stats = self.stats
         head = stream.head
         protocol = _PROTOCOLS.get(head.version, "HTTP/1.1")
         info = StreamInfo(connection=stream.info, request=head, protocol=protocol)
-        stats.rq_total.inc()
-        stats.rq_active.inc()
-        (stats.rq_http2_total if head.version == "2" else stats.rq_http1_total).inc()
+        # Counters as plain stores on the per-request path (no method calls).
+        stats.rq_total.value += 1
+        stats.rq_active.value += 1
+        (stats.rq_http2_total if head.version == "2" else stats.rq_http1_total).value += 1
         internal = self._policy.apply(head, stream.info)
-        ctx = RequestContext(stream, info, internal, self._route_config, self)
+        ctx = RequestContext(stream, info, internal, self._route_config, self, task)
         try:
             await self._process(ctx)
         except (StreamReset, ConnectionError):
@@ -233,7 +234,7 @@ class HttpConnectionManager(Responder):
             stats.rq_rx_reset.inc()
             raise
         finally:
-            stats.rq_active.dec()
+            stats.rq_active.value -= 1
             info.bytes_received = stream.body.received
             info.finish()
             stats.rq_time.record((info.duration or 0.0) * 1000)

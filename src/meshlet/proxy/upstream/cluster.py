@@ -107,9 +107,9 @@ class ClusterStats:
                 self._scope.counter(f"upstream_rq_{status}"),
                 self._scope.counter(f"upstream_rq_{status // 100}xx"),
             )
-        pair[0].inc()
-        pair[1].inc()
-        self.rq_completed.inc()
+        pair[0].value += 1
+        pair[1].value += 1
+        self.rq_completed.value += 1
         self.rq_time.record(elapsed_ms)
 
 
