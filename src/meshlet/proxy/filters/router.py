@@ -569,9 +569,9 @@ class _Exchange:
     async def _send(
         self, pool: ConnectionPool, head: RequestHead, body: BodyStream | None
     ) -> UpstreamResponse:
-        self._lease = await pool.acquire()
+        self._lease = lease = pool.acquire_now() or await pool.acquire()
         self._sent_at = time.monotonic()
-        return await self._lease.connection.request(head, body)
+        return await lease.connection.request(head, body)
 
     def _discard(self, response: UpstreamResponse) -> None:
         """Drop a response that will be retried (its stats still count)."""
@@ -601,7 +601,7 @@ class _Exchange:
         if head.status == 101:
             watchdog.drop_deadline()
         ends_now = body.ended and body.buffered == 0 and not body.trailers
-        await ctx.send_head(head, end_stream=ends_now)
+        await ctx.responder.send_head(ctx, head, ends_now)
         if ends_now:
             return True
         stream, info = ctx.stream, ctx.info

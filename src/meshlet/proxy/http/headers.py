@@ -107,19 +107,26 @@ class RequestHeaderPolicy:
         if has_envoy and not internal:
             headers[:] = [h for h in headers if h[0] not in ENVOY_CONTROL_HEADERS]
         if self._use_remote:
-            if xff is None or not self._skip_xff_append:
+            if xff is None:
+                headers.append(("x-forwarded-for", peer_ip))
+            elif not self._skip_xff_append:
                 _set(headers, "x-forwarded-for", f"{xff}, {peer_ip}" if xff else peer_ip)
             if internal:
                 _set(headers, "x-envoy-internal", "true")
             elif remote:
                 _set(headers, "x-envoy-external-address", remote)
-        if proto is None or self._use_remote:
+        if proto is None:
+            headers.append(("x-forwarded-proto", head.scheme))  # absent: nothing to replace
+        elif self._use_remote:
             _set(headers, "x-forwarded-proto", head.scheme)
         # Only an edge request (external, and we are the edge: use_remote_address)
         # gets a fresh id over the client's; a sidecar keeps the app's id.
         edge = self._use_remote and not internal
-        if self._generate_id and (request_id is None or (edge and not self._preserve_external_id)):
-            _set(headers, "x-request-id", new_request_id())
+        if self._generate_id:
+            if request_id is None:
+                headers.append(("x-request-id", new_request_id()))
+            elif edge and not self._preserve_external_id:
+                _set(headers, "x-request-id", new_request_id())
         return internal
 
     def _trusted_client_address(self, peer_ip: str, xff: str | None) -> str:

@@ -157,6 +157,14 @@ class ConnectionPool:
 
     # -- acquire / release ------------------------------------------------ #
 
+    def acquire_now(self) -> Lease | None:
+        """A lease on a connection with room right now, or None (then
+        ``acquire`` opens or waits): the common case without a coroutine."""
+        if self._closed or self._draining:
+            return None
+        conn = self._pop_idle() or self._find_available()
+        return self._lease(conn) if conn is not None else None
+
     async def acquire(self, timeout: float | None = None) -> Lease:
         """A lease on a connection with room for one more request. Raises
         ``UpstreamConnectError`` (connect failure/timeout, queue overflow) or
