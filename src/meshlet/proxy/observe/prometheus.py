@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from typing import TYPE_CHECKING, Any
 
 from meshlet.proxy.observe.stats import Counter, Gauge, Histogram, StatKey, StatsStore
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
+# prometheus_client (about 10 MB resident with what it imports: http.server,
+# wsgiref, email) is imported on the first render, not by every proxy at start.
+# This is its CONTENT_TYPE_LATEST (a test keeps them equal).
+CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
 
 _Stat = Any  # Counter | Gauge | Histogram, matched to its family's adder
 
@@ -73,14 +70,20 @@ class _StoreCollector:
 
 
 def _counter_family(name: str) -> Metric:
+    from prometheus_client.core import CounterMetricFamily
+
     return CounterMetricFamily(name, name, labels=None)
 
 
 def _gauge_family(name: str) -> Metric:
+    from prometheus_client.core import GaugeMetricFamily
+
     return GaugeMetricFamily(name, name, labels=None)
 
 
 def _histogram_family(name: str) -> Metric:
+    from prometheus_client.core import HistogramMetricFamily
+
     return HistogramMetricFamily(name, name, labels=None)
 
 
@@ -104,6 +107,8 @@ def _add_histogram(family: Metric, key: StatKey, stat: Histogram) -> None:
 
 def render(store: StatsStore, name_filter: re.Pattern[str] | None = None) -> bytes:
     """All stats (optionally only those whose Envoy name matches ``name_filter``)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_StoreCollector(store, name_filter))
     return bytes(generate_latest(registry))
