@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from meshlet.config.model import (
     DEFAULT_REQUEST_BUFFER_LIMIT,
@@ -225,17 +225,23 @@ class Router(TerminalFilter):
         self._retry_stats: dict[str, RetryStats] = {}
         self.mirror = Mirror(runtime)
 
-    async def serve(self, ctx: RequestContext) -> None:
+    def serve(self, ctx: RequestContext) -> Coroutine[Any, Any, None]:
         route = ctx.route
+        if route is not None and isinstance(route.action, ClusterAction):
+            # The common case hands back the forwarding coroutine itself: no
+            # frame of serve's own to resume on every step of the exchange.
+            return self._forward(ctx, route, route.action)
+        return self._answer(ctx, route)
+
+    async def _answer(self, ctx: RequestContext, route: Route | None) -> None:
+        """No route, a direct response or a redirect."""
         stats = ctx.responder.router_stats
         if route is None:
             stats.no_route.inc()
             await ctx.send_local_reply(NO_ROUTE)
             return
         action = route.action
-        if isinstance(action, ClusterAction):
-            await self._forward(ctx, route, action)
-        elif isinstance(action, DirectResponseAction):
+        if isinstance(action, DirectResponseAction):
             stats.rq_direct_response.inc()
             await ctx.send_local_reply(direct(action.status, action.body))
         elif isinstance(action, RedirectAction):
@@ -546,8 +552,10 @@ class _Exchange:
         per_try = retries.policy.per_try_timeout if retries is not None else None
         pool = host.pool(self._cluster.pool_kind(head.version))
         try:
-            if per_try is None:  # the usual case: no timer of its own
-                self._response = await self._send(pool, head, body)
+            if per_try is None:  # the usual case: no timer of its own (and _send inlined)
+                self._lease = lease = pool.acquire_now() or await pool.acquire()
+                self._sent_at = time.monotonic()
+                self._response = await lease.connection.request(head, body)
             else:
                 async with asyncio.timeout(per_try):
                     self._response = await self._send(pool, head, body)
