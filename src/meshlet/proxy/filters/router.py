@@ -111,8 +111,12 @@ class Watchdog:
         body: BodyStream,
         task: asyncio.Task[object] | None = None,
     ) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = task if task is not None else asyncio.current_task()
+        if task is not None:  # its loop without get_running_loop's getpid system call
+            self._loop = task.get_loop()
+            self._task: asyncio.Task[object] | None = task
+        else:
+            self._loop = asyncio.get_running_loop()
+            self._task = asyncio.current_task()
         now = self._loop.time()
         self._route_timeout = route_timeout or None
         self._body: BodyStream | None = None if body.ended else body

@@ -54,7 +54,7 @@ TaskHandler = Callable[[DownstreamStream, "asyncio.Task[object] | None"], Awaita
 class DownstreamConnection(asyncio.Protocol):
     """Installed by the listener; delegates to the codec once chosen."""
 
-    __slots__ = ("_buffer", "_codec", "_kind", "_make_codec", "_on_close", "_tasks", "_transport")
+    __slots__ = ("_buffer", "_codec", "_kind", "_loop", "_make_codec", "_on_close", "_tasks", "_transport")
 
     def __init__(
         self, kind: str | None, make_codec: CodecFactory, on_close: Callable[[str | None], None]
@@ -64,6 +64,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._on_close = on_close
         self._codec: asyncio.Protocol | None = None
         self._transport: asyncio.BaseTransport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._buffer = b""
         self._tasks: set[asyncio.Task[object]] = set()
 
@@ -78,7 +79,9 @@ class DownstreamConnection(asyncio.Protocol):
         tasks = self._tasks
 
         async def guarded(stream: DownstreamStream) -> None:
-            task = asyncio.current_task()
+            # With the loop given, current_task skips get_running_loop (a
+            # getpid system call per request on Python 3.11).
+            task = asyncio.current_task(self._loop) if self._loop is not None else asyncio.current_task()
             if task is None:
                 await handler(stream, None)
                 return
@@ -92,6 +95,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
+        self._loop = asyncio.get_running_loop()
         if self._kind is not None:
             self._start(self._kind)
 

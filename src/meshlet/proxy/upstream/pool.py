@@ -136,6 +136,7 @@ class ConnectionPool:
         # those idle for ``idle_timeout`` (no timer armed/cancelled per request).
         self._idle_since: dict[UpstreamConnection, float] = {}
         self._sweep: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._draining = False
@@ -315,7 +316,11 @@ class ConnectionPool:
         timeout = self.idle_timeout
         if timeout is None:
             return
-        loop = asyncio.get_running_loop()
+        # The pool's connections live on one loop: looked up once (each
+        # get_running_loop is a getpid system call on Python 3.11).
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         self._idle_since[conn] = loop.time()
         if self._sweep is None:
             self._sweep = loop.call_later(timeout, self._sweep_idle)
