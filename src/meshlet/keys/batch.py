@@ -28,7 +28,7 @@ in software as well and counted. Settings::
     poll_delay: "0.2ms" | "200us" | "0.0002s" | seconds   (default 0.2ms)
     max_batch: 1..8               (default 8)
     min_batch: 1..8               (default: the key type's break-even, BREAK_EVEN_LANES;
-                                  a batch with fewer lanes is signed in software)
+                                  a batch with fewer lanes is signed in software on the loop)
     software_fallback: bool       (default true)
     backend: crypto_mb | crypto_mb_always | software (default crypto_mb;
                                   crypto_mb leaves to software the key types
@@ -114,7 +114,7 @@ SLOWER_BATCHED: dict[str, str] = {
 }
 # An mb8 call costs about the same CPU with one lane as with eight, so a
 # batch pays only from ceil(8 / speedup) lanes (the speedups above); a
-# smaller batch is signed in software, one at a time, where it would have run.
+# smaller batch is signed in software, one at a time, on the loop.
 BREAK_EVEN_LANES: dict[str, int] = {
     "RSA-2048": 5,
     "RSA-3072": 8,
@@ -630,7 +630,7 @@ class BatchKeyProvider(KeyProvider):
             # No per-operation timer: the queue times out whole batches.
             result = await self._queue(signer).submit(signer.lane(scheme, data))
             if type(result) is int and result == LANE_UNBATCHED:
-                return await self._sign_in_software(scheme, data)
+                return self._sign_unbatched(scheme, data)
             if isinstance(result, int):
                 # A lane the library refused: still a signature, from software.
                 self.lane_errors += 1
@@ -649,6 +649,16 @@ class BatchKeyProvider(KeyProvider):
             inline=self._inline,
             min_lanes=self._min_batch,
         )
+
+    def _sign_unbatched(self, scheme: int, data: bytes) -> bytes:
+        """A lane of a batch too small to pay: signed here on the loop, as
+        ``meshlet.local`` does. A small batch means a light load, so the loop
+        has the time, and a thread handoff would cost more CPU than it saves."""
+        self.software_ops += 1
+        try:
+            return sign(self._private, scheme, data)
+        except ValueError as exc:
+            raise KeyProviderError(f"{self.provider_name}: {exc}") from None
 
     async def _sign_in_software(self, scheme: int, data: bytes) -> bytes:
         self.software_ops += 1
