@@ -105,6 +105,31 @@ async def test_config_change_reaches_connected_proxies(
     assert after is not None and after.version(CLUSTER) == before.version(CLUSTER)
 
 
+async def test_a_revision_is_reported_only_once_its_snapshots_are_published(
+        store: SqliteStore) -> None:
+    """``pusher.resources.revision`` is what status reports as taken in: when it reaches a
+    revision, the cache must publish every connected proxy's snapshot of it already, or a
+    proxy still running the previous config looks current at the new revision."""
+    workloads = [workload_doc(n, a, v, addr) for n, a, v, addr in WORKLOADS]
+    await put_all(store, load(SERVICES, *workloads, ALL_V1))
+    # A slow cache debounce: whatever is only staged stays unpublished for a long while.
+    cache = SnapshotCache(debounce=2.0, max_delay=4.0)
+    pusher = ConfigPusher(store, cache, debounce=0.02, max_delay=0.2)
+    await pusher.start()
+    try:
+        nodes = [sidecar_id(name, address) for name, _a, _v, address in WORKLOADS]
+        for node_id in nodes:
+            connect(cache, node_id)
+        await until(lambda: all(cache.snapshot(n) is not None for n in nodes), "first snapshots")
+        changed = await store.put(load(FIFTY_FIFTY)[0])
+        revision = int(changed.metadata.resource_version or 0)
+        await until(lambda: pusher.resources.revision >= revision, "the change taken in")
+        expected = f"outbound|9080|v1|{REVIEWS}=50,outbound|9080|v3|{REVIEWS}=50"
+        assert [route_cluster(cache.snapshot(n), REVIEWS) for n in nodes] == [expected] * len(nodes)
+    finally:
+        await pusher.stop()
+
+
 async def test_registration_and_health_feed_eds(
         store: SqliteStore, mesh: tuple[ConfigPusher, SnapshotCache]) -> None:
     _pusher, cache = mesh

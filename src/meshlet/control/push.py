@@ -96,7 +96,11 @@ class ConfigPusher:
         self._rand = rand
         self._objects: dict[tuple[str, str, str], Resource] = {}
         self._revision = 0
-        self.resources = ResourceSet()
+        # The set snapshots are built from now (a proxy that connects gets one from it).
+        self._latest = ResourceSet()
+        # The set every connected proxy's snapshot was built from and published by the
+        # cache: its revision is the one status reports as taken in (see ``_rebuild``).
+        self.resources = self._latest
         self._statuses: dict[str, TranslationStatus] = {}
         self._pushed: dict[str, Snapshot] = {}
         # Node id -> the ResourceSet its snapshot was built from.
@@ -224,10 +228,16 @@ class ConfigPusher:
     async def _rebuild(self) -> None:
         resources = ResourceSet.of(self._objects.values(), self._revision)
         # Shared tables that did not change keep their encodings (made for the proxies already).
-        resources.inherit_parts(self.resources)
-        self.resources = resources
+        resources.inherit_parts(self._latest)
+        self._latest = resources
         self.rebuilds += 1
         await self._translate([s for s in self.cache.status() if s.connected], resources)
+        # Only now is the revision taken in: status compares each proxy's ACKs with the
+        # snapshot the cache publishes, so a revision reported while its snapshots were
+        # still being translated (or waited in the cache's debounce) made proxies that
+        # still ran the previous config look current at the new revision.
+        self.cache.flush()
+        self.resources = resources
 
     # -- proxies ----------------------------------------------------------------------------------- #
 
@@ -242,13 +252,13 @@ class ConfigPusher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._connected.wait(), NODE_POLL)
             self._connected.clear()
-            resources = self.resources
+            resources = self._latest
             pending = [s for s in self.cache.status() if s.connected and self._unbuilt(s)]
             if pending:
                 await self._translate(pending, resources)
 
     def _unbuilt(self, status: NodeStatus) -> bool:
-        return self._built_from.get(status.node_id) is not self.resources
+        return self._built_from.get(status.node_id) is not self._latest
 
     async def _renewals(self) -> None:
         """Rebuild when an issued certificate is due for renewal (``prepare`` renews it)."""
