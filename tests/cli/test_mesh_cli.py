@@ -186,7 +186,7 @@ def test_proxies_ride_out_a_control_plane_crash_and_up_starts_it_again(mesh: Mes
     assert restarted is not None and restarted.alive() and restarted.pid != plane.pid
     # The proxies reconnect, and config changes reach them again.
     results = mesh.client.apply(REVIEWS_V2)
-    wait_synced(mesh.client, int(results[0]["resourceVersion"]))
+    wait_synced(mesh.client, int(results[0]["resourceVersion"]), min_connected=len(WORKLOADS) + 1)
     assert {mesh.page()["reviewsVersion"] for _ in range(4)} == {"v2"}
     report = json.loads(mesh.meshlet("status", "--json", "--wait-synced", "15").stdout)
     assert report["synced"] and len([p for p in report["proxies"] if p["connected"]]) == len(WORKLOADS) + 1

@@ -144,11 +144,13 @@ def apply_and_wait(client: MeshClient, files: tuple[str, ...], timeout: float = 
     return target
 
 
-def wait_synced(client: MeshClient, revision: int, timeout: float = SYNC_TIMEOUT) -> None:
+def wait_synced(client: MeshClient, revision: int, timeout: float = SYNC_TIMEOUT,
+                min_connected: int = 1) -> None:
     """Wait until the control plane has taken in ``revision`` and every connected proxy has
-    ACKed the snapshot the cache holds for it. The control plane reports the revision
-    as soon as it starts translating; ``TRANSLATE_GRACE`` covers the translation of the
-    demo's few proxies before snapshots reach the cache."""
+    ACKed the snapshot the cache holds for it. ``min_connected``: how many proxies must be
+    connected first — after a control-plane restart the proxies come back one by one
+    (reconnect back-off), and the ones not yet back would otherwise be left out.
+    ``TRANSLATE_GRACE`` is a short settling time after the revision shows."""
     deadline = time.monotonic() + timeout
     seen_at: float | None = None
     while True:
@@ -157,7 +159,8 @@ def wait_synced(client: MeshClient, revision: int, timeout: float = SYNC_TIMEOUT
         if status["revision"] >= revision and seen_at is None:
             seen_at = time.monotonic()
         settled = seen_at is not None and time.monotonic() - seen_at >= TRANSLATE_GRACE
-        if settled and nodes and all(n["synced"] and n["current"] for n in nodes):
+        enough = len(nodes) >= max(1, min_connected)
+        if settled and enough and all(n["synced"] and n["current"] for n in nodes):
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"proxies did not ACK config revision {revision} within {timeout:.0f} s")
