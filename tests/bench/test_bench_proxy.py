@@ -44,9 +44,10 @@ def check_row(row: dict[str, object], name: str) -> None:
     # CPU per request is the phase's CPU divided by what it served.
     expected = row["cpu_s"] / row["fixed_rate_requests"] * 1000  # type: ignore[operator]
     assert row["cpu_s_per_1000_req"] == pytest.approx(expected, rel=0.05, abs=0.001)
-    # A proxy cannot sustain more than one request per its CPU cost on its one core... within slack:
-    # saturation throughput times CPU per request is at most about one core-second per second.
-    assert row["rps_max"] * row["cpu_s_per_1000_req"] / 1000 < 3  # type: ignore[operator]
+    # CPU per request is measured at the fixed 1000 req/s, where wake-ups dominate, and is
+    # higher than at saturation; so saturation throughput times it may exceed one core, but
+    # not by an order of magnitude.
+    assert row["rps_max"] * row["cpu_s_per_1000_req"] / 1000 < 10  # type: ignore[operator]
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")

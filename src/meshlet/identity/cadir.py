@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import re
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -336,7 +337,9 @@ def _bumped(settings: CaSettings, **changes: Any) -> CaSettings:
 
 
 def _label(trust_domain: str, role: str) -> str:
-    return f"meshlet-ca-{trust_domain}-{role}-{int(time.time())}"
+    # The time orders the names; the random part keeps two keys made in the same
+    # second (init then rotate-root) from colliding in the key server.
+    return f"meshlet-ca-{trust_domain}-{role}-{int(time.time())}-{secrets.token_hex(4)}"
 
 
 async def init_root_ca(
