@@ -54,6 +54,15 @@ _SCHEME_HASH: dict[int, str] = {
 }
 
 
+# Every call into the PKCS#11 module goes through this lock. Concurrent
+# C_OpenSession/C_Login/C_Sign from several threads failed (CKR_GENERAL_ERROR)
+# and once crashed the interpreter with SoftHSM2 through python-pkcs11, so
+# the worker threads take turns at the token; signing off the event loop is
+# what they are for. Reentrant: public_key() opens a session through
+# _private_key().
+_MODULE_LOCK = threading.RLock()
+
+
 class TokenKey:
     """A private key in a token, reached through one session per thread."""
 
@@ -70,10 +79,11 @@ class TokenKey:
         if key is None:
             import pkcs11
 
-            session = self._open_session()
-            with self._lock:
-                self._sessions.append(session)
-            key = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=self.key_label)
+            with _MODULE_LOCK:
+                session = self._open_session()
+                with self._lock:
+                    self._sessions.append(session)
+                key = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=self.key_label)
             self._local.key = key
         return key
 
@@ -90,6 +100,10 @@ class TokenKey:
 
     def public_key(self) -> CertificatePublicKeyTypes:
         """From the token's public key object; for RSA, the private object's modulus will do."""
+        with _MODULE_LOCK:
+            return self._public_key_locked()
+
+    def _public_key_locked(self) -> CertificatePublicKeyTypes:
         import pkcs11
         from pkcs11 import Attribute, KeyType, ObjectClass
         from pkcs11.util.ec import encode_ec_public_key
@@ -120,7 +134,8 @@ class TokenKey:
         digest = hashlib.new(hash_name, data).digest()
         key = self._private_key()
         if scheme in (SignatureScheme.ecdsa_secp256r1_sha256, SignatureScheme.ecdsa_secp384r1_sha384):
-            raw = key.sign(digest, mechanism=Mechanism.ECDSA)
+            with _MODULE_LOCK:
+                raw = key.sign(digest, mechanism=Mechanism.ECDSA)
             half = len(raw) // 2
             return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
         hash_mechanism, mgf = {
@@ -129,9 +144,10 @@ class TokenKey:
             "sha512": (Mechanism.SHA512, MGF.SHA512),
         }[hash_name]
         # TLS 1.3: salt length equals the hash length (RFC 8446 section 4.2.3).
-        signature: bytes = key.sign(
-            digest, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=(hash_mechanism, mgf, len(digest))
-        )
+        with _MODULE_LOCK:
+            signature: bytes = key.sign(
+                digest, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=(hash_mechanism, mgf, len(digest))
+            )
         return signature
 
     def close(self) -> None:
@@ -139,7 +155,8 @@ class TokenKey:
             sessions, self._sessions = self._sessions, []
         for session in sessions:
             try:
-                session.close()
+                with _MODULE_LOCK:
+                    session.close()
             except Exception:  # closing a dead session is not worth failing over
                 pass
 
